@@ -1,0 +1,60 @@
+import pytest
+from storm_testing import tiny_config
+
+from modeling_storm import StormConfig, StormTemporalEncoderConfig, get_num_visual_tokens
+
+
+def test_defaults_reproduce_the_paper_7b_model():
+    config = StormConfig()
+    assert config.vision_config.model_type == "siglip_vision_model"
+    assert (config.vision_config.image_size, config.vision_config.patch_size) == (448, 14)
+    assert config.vision_config.hidden_size == 1152 and config.vision_config.num_hidden_layers == 27
+    assert config.text_config.model_type == "qwen2" and config.text_config.hidden_size == 3584
+    assert config.temporal_encoder_config.hidden_size == 3584  # inherited from the LLM
+    assert config.temporal_encoder_config.dt_rank == 224 and config.temporal_encoder_config.bidirectional
+    assert config.vision_feature_layer == -2
+    assert config.token_grid_size == 16  # 1024 patches -> 256 tokens per frame (paper §4.1)
+    assert config.num_image_tokens() == 256
+    # Paper §2.1 token budgets: STORM + T.Pool at 128 frames = 32 x 256 = 8K; + T.Sampling s=2 at 256 frames = 8K.
+    assert config.num_video_tokens(128) == 8192
+    assert StormConfig(temporal_sample_rate=2).num_video_tokens(256) == 8192
+    assert StormConfig(temporal_pool_size=1, spatial_pool_size=2).num_video_tokens(32) == 32 * 64
+
+
+def test_round_trip_keeps_every_field(tmp_path):
+    config = tiny_config(temporal_pool_size=4, spatial_pool_size=2, temporal_sample_rate=2, bidirectional=False)
+    config.save_pretrained(tmp_path)
+    loaded = StormConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert isinstance(loaded.temporal_encoder_config, StormTemporalEncoderConfig)
+    assert loaded.temporal_encoder_config.bidirectional is False
+    assert loaded.text_config.model_type == "qwen2" and loaded.vision_config.image_size == 32
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temporal_pool_size": 0}, "temporal_pool_size=0"),
+        ({"spatial_pool_size": 3}, "spatial_pool_size=3"),
+        ({"temporal_encoder_config": {"hidden_size": 64}}, "must equal text_config.hidden_size"),
+        ({"video_token_id": 10**6}, "outside the LLM vocabulary"),
+        ({"vision_feature_layer": 40}, "vision_feature_layer=40"),
+    ],
+)
+def test_invalid_fields_raise_with_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StormConfig(**kwargs)
+
+
+def test_token_count_formula():
+    # T=8, k=4 -> 2 pooled frames; s=2 keeps frames 0 -> 1 frame; 16x16 grid pooled 2x2 -> 64 tokens.
+    assert get_num_visual_tokens(8, grid_size=16, temporal_pool_size=4, spatial_pool_size=2, temporal_sample_rate=2) == 64
+    # Sampling keeps frames 0, s, 2s, ...: 3 pooled frames with s=2 keep 2.
+    assert get_num_visual_tokens(3, grid_size=2, temporal_sample_rate=2) == 8
+
+
+def test_frame_count_not_a_multiple_of_k_names_the_counts_that_work():
+    with pytest.raises(ValueError, match=r"num_frames=30 is not a multiple of temporal_pool_size=4.*Sample 28 or 32"):
+        get_num_visual_tokens(30, grid_size=16, temporal_pool_size=4)
+    with pytest.raises(ValueError, match="Sample 4 frames"):
+        get_num_visual_tokens(3, grid_size=16, temporal_pool_size=4)
