@@ -1,0 +1,205 @@
+import pytest
+import torch
+from storm_testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, tiny_config, video_inputs
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from modeling_storm import StormConfig, StormForConditionalGeneration, StormModel
+from modeling_storm.modeling_storm import space_to_channel, spatial_pool, temporal_pool, temporal_sample
+
+
+def build(config: StormConfig, seed: int = 0) -> StormForConditionalGeneration:
+    torch.manual_seed(seed)
+    return StormForConditionalGeneration(config).eval()
+
+
+def frame_features(model, pixel_values_videos):
+    """Per-frame features `(B, T', N', D)` of the visual pipeline (no flattening), as the model computes them."""
+    return model.model._encode(pixel_values_videos, is_video=True)
+
+
+def test_save_and_load_through_the_auto_classes(tmp_path):
+    model = build(tiny_config())
+    inputs = video_inputs(model.config)
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "storm"
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(loaded) is StormForConditionalGeneration
+    torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is StormModel
+    keys = set(model.state_dict())
+    for key in [
+        "model.vision_tower.embeddings.patch_embedding.weight",
+        "model.multi_modal_projector.linear.weight",
+        "model.temporal_encoder.layers.1.norm.weight",
+        "model.temporal_encoder.layers.0.mixer.in_proj.weight",
+        "model.temporal_encoder.layers.0.mixer.A_b_log",
+        "model.language_model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    ]:
+        assert key in keys, key
+
+
+def test_bfloat16_keeps_the_ssm_parameters_in_float32(tmp_path):
+    build(tiny_config()).save_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    mixer = model.model.temporal_encoder.layers[0].mixer
+    assert mixer.in_proj.weight.dtype == torch.bfloat16
+    assert {mixer.A_log.dtype, mixer.D.dtype, mixer.A_b_log.dtype, mixer.D_b.dtype} == {torch.float32}
+    logits = model(**video_inputs(model.config)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("frames, k, p, s", [(4, 2, 1, 1), (8, 4, 1, 2), (6, 2, 2, 3), (1, 1, 1, 1), (12, 3, 2, 2)])
+@pytest.mark.parametrize("training", [False, True])
+def test_feature_count_equals_the_token_count_function(frames, k, p, s, training):
+    config = tiny_config(image_size=64, temporal_pool_size=k, spatial_pool_size=p, temporal_sample_rate=s)
+    model = build(config).train(training)
+    pixels = video_inputs(config, num_frames=frames, batch_size=2)["pixel_values_videos"]
+    features = model.get_video_features(pixels).pooler_output
+    assert features.shape == (2, config.num_video_tokens(frames, training=training), 32)
+
+
+def test_temporal_pooling_is_the_mean_of_groups_of_k_frames():
+    model = build(tiny_config(temporal_pool_size=1))
+    pixels = video_inputs(model.config, num_frames=6)["pixel_values_videos"]
+    per_frame = frame_features(model, pixels)  # (1, 6, 4, 32)
+    model.config.temporal_pool_size = 3
+    pooled = frame_features(model, pixels)
+    assert pooled.shape == (1, 2, 4, 32)
+    torch.testing.assert_close(pooled[:, 0], per_frame[:, 0:3].mean(1))
+    torch.testing.assert_close(pooled[:, 1], per_frame[:, 3:6].mean(1))
+    torch.testing.assert_close(temporal_pool(per_frame, 2), per_frame.view(1, 3, 2, 4, 32).mean(2))
+
+
+def test_spatial_pooling_averages_2x2_windows_of_the_token_grid():
+    model = build(tiny_config(image_size=64, temporal_pool_size=1))  # 4x4 token grid
+    pixels = video_inputs(model.config, num_frames=2)["pixel_values_videos"]
+    grid = frame_features(model, pixels).view(1, 2, 4, 4, 32)
+    model.config.spatial_pool_size = 2
+    pooled = frame_features(model, pixels).view(1, 2, 2, 2, 32)
+    torch.testing.assert_close(pooled[0, 1, 0, 1], grid[0, 1, 0:2, 2:4].mean((0, 1)))
+    torch.testing.assert_close(pooled[0, 0, 1, 0], grid[0, 0, 2:4, 0:2].mean((0, 1)))
+    assert spatial_pool(grid.view(1, 2, 16, 32), 4).shape == (1, 2, 1, 32)
+
+
+def test_temporal_sampling_keeps_frames_0_s_2s_in_eval_only():
+    model = build(tiny_config(temporal_pool_size=1))
+    pixels = video_inputs(model.config, num_frames=5)["pixel_values_videos"]
+    all_frames = frame_features(model, pixels)
+    model.config.temporal_sample_rate = 2
+    sampled = frame_features(model, pixels)
+    torch.testing.assert_close(sampled, all_frames[:, [0, 2, 4]])
+    assert torch.equal(temporal_sample(all_frames, 3), all_frames[:, [0, 3]])
+    model.train()  # the model is trained without sampling (paper §3.4)
+    torch.testing.assert_close(frame_features(model, pixels), all_frames)
+
+
+def _flat_square_2x2(x):
+    """VILA's `flat_square_2x2` (llava/model/multimodal_projector/base_projector.py), written from its description."""
+    n, w, h, c = x.size()
+    if w % 2:
+        x = torch.cat([x, x.new_zeros(n, 1, h, c)], dim=1)
+        n, w, h, c = x.size()
+    if h % 2:
+        x = torch.cat([x, x.new_zeros(n, w, 1, c)], dim=2)
+        n, w, h, c = x.size()
+    x = x.reshape(n, w, h // 2, c * 2).permute(0, 2, 1, 3).reshape(n, h // 2, w // 2, c * 4)
+    return x.permute(0, 2, 1, 3).reshape(n, (w // 2) * (h // 2), c * 4)
+
+
+@pytest.mark.parametrize("side", [4, 5, 32])
+def test_downsample_matches_vila_flat_square_2x2(side):
+    patches = torch.randn(3, side * side, 6)
+    expected = _flat_square_2x2(patches.view(3, side, side, 6))
+    torch.testing.assert_close(space_to_channel(patches, 2), expected, rtol=0, atol=0)
+
+
+def test_images_run_as_one_frame_videos_without_temporal_pooling():
+    model = build(tiny_config(temporal_pool_size=2, temporal_sample_rate=2))
+    image = torch.randn(2, 3, 32, 32)
+    image_features = model.get_image_features(image).pooler_output
+    assert image_features.shape == (2, model.config.num_image_tokens(), 32)
+    model.config.temporal_pool_size = model.config.temporal_sample_rate = 1
+    torch.testing.assert_close(image_features, model.get_video_features(image.unsqueeze(1)).pooler_output)
+    tokens = model.config.num_image_tokens()
+    input_ids = torch.tensor([[1, *([IMAGE_TOKEN_ID] * tokens), 2, *([IMAGE_TOKEN_ID] * tokens), 3]])
+    out = model(input_ids=input_ids, pixel_values=image)
+    torch.testing.assert_close(out.image_hidden_states, image_features.flatten(0, 1))
+
+
+def test_generate_with_and_without_cache_gives_the_same_tokens():
+    model = build(tiny_config())
+    inputs = video_inputs(model.config)
+    with_cache = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=True)
+    without_cache = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert with_cache.shape[1] == inputs["input_ids"].shape[1] + 8
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_left_padded_batch_generates_the_same_tokens_as_each_prompt_alone():
+    model = build(tiny_config())
+    first = video_inputs(model.config, prefix=(1, 2, 3, 4, 5, 6), seed=1)
+    second = video_inputs(model.config, prefix=(7,), seed=2)
+    pad = 8 - 3
+    batch_ids = torch.cat([first["input_ids"], torch.cat([torch.zeros(1, pad, dtype=torch.long), second["input_ids"]], 1)])
+    attention_mask = (torch.arange(batch_ids.shape[1]) >= torch.tensor([[0], [pad]])).long()
+    pixels = torch.cat([first["pixel_values_videos"], second["pixel_values_videos"]])
+    batch = model.generate(
+        input_ids=batch_ids, attention_mask=attention_mask, pixel_values_videos=pixels, max_new_tokens=6, do_sample=False
+    )
+    for row, single in enumerate([first, second]):
+        alone = model.generate(**single, max_new_tokens=6, do_sample=False)
+        assert torch.equal(batch[row, -6:], alone[0, -6:])
+
+
+def test_sdpa_and_eager_attention_agree(tmp_path):
+    build(tiny_config()).save_pretrained(tmp_path)
+    inputs = video_inputs(tiny_config())
+    logits = {
+        impl: AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation=impl).eval()(**inputs).logits
+        for impl in ("sdpa", "eager")
+    }
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_training_loss_reaches_every_stage_and_checkpointing_keeps_gradients():
+    model = build(tiny_config()).train()
+    inputs = video_inputs(model.config, training=True)
+    labels = inputs["input_ids"].clone()
+    labels[labels == VIDEO_TOKEN_ID] = -100
+    model(**inputs, labels=labels).loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    for stage in ("vision_tower", "multi_modal_projector", "temporal_encoder.layers.0.mixer.A_b_log", "language_model"):
+        assert any(stage in name and grad.abs().sum() > 0 for name, grad in grads.items()), stage
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(**inputs, labels=labels).loss.backward()
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_placeholders_and_features_that_disagree_raise():
+    model = build(tiny_config())
+    inputs = video_inputs(model.config, num_frames=4)
+    inputs["input_ids"] = inputs["input_ids"][:, 1:-1]  # fine: only text dropped
+    model(**inputs)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([[VIDEO_TOKEN_ID]])], 1)  # one placeholder too many
+    with pytest.raises(ValueError, match=r"9 video placeholder tokens .* 8 feature tokens .*4 frames, temporal_pool_size=2"):
+        model(**inputs)
+
+
+def test_frame_count_not_a_multiple_of_k_raises_before_encoding():
+    model = build(tiny_config(temporal_pool_size=4))
+    with pytest.raises(ValueError, match="num_frames=6 is not a multiple of temporal_pool_size=4.*Sample 4 or 8"):
+        model.get_video_features(torch.randn(1, 6, 3, 32, 32))
+
+
+def test_video_longer_than_the_context_raises_with_both_numbers():
+    config = tiny_config(temporal_pool_size=1)
+    config.text_config.max_position_embeddings = 64
+    model = build(config)
+    inputs = video_inputs(config, num_frames=20)  # 80 visual + 5 text tokens
+    with pytest.raises(ValueError, match=r"85 tokens long, 80 of them visual, .* context is 64 .* at most 14 frames"):
+        model(**inputs)
