@@ -1,0 +1,23 @@
+"""STORM processors: `import processing_storm` registers them with `AutoProcessor` and `AutoVideoProcessor`.
+
+Importing it also imports `modeling_storm` (the config the Auto classes are keyed on).
+"""
+
+from transformers import AutoProcessor, AutoVideoProcessor
+
+from modeling_storm import StormConfig
+
+from .processing_storm import StormProcessor, default_chat_template
+from .video_processing_storm import StormVideoMetadata, StormVideoProcessor, read_video_pyav, sample_frame_indices
+
+AutoVideoProcessor.register(StormConfig, StormVideoProcessor, exist_ok=True)
+AutoProcessor.register(StormConfig, StormProcessor, exist_ok=True)
+
+__all__ = [
+    "StormProcessor",
+    "StormVideoProcessor",
+    "StormVideoMetadata",
+    "default_chat_template",
+    "read_video_pyav",
+    "sample_frame_indices",
+]

@@ -1,0 +1,277 @@
+"""STORM video processor: PyAV decoding by timestamps, uniform or fixed-fps frame sampling, SigLIP preprocessing.
+
+transformers' default video loading needs torchcodec and a system FFmpeg, and trusts container frame counts; this
+processor decodes with PyAV (FFmpeg is in its wheel), indexes the frames it can actually read, and samples by
+presentation time.
+"""
+
+import bisect
+import io
+import os
+import urllib.request
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from transformers.image_utils import PILImageResampling
+from transformers.video_processing_utils import BaseVideoProcessor
+from transformers.video_utils import VideoMetadata
+
+URL_TIMEOUT_S = 60
+
+
+@dataclass
+class StormVideoMetadata(VideoMetadata):
+    """`VideoMetadata` with the presentation time of every frame of the stream, so that `timestamps` are the real
+    times of the sampled frames (seconds from the first frame), also for variable-frame-rate videos.
+
+    frame_timestamps (`list[float]`, *optional*): time in seconds of each of the `total_num_frames` frames.
+    """
+
+    frame_timestamps: list[float] | None = None
+
+    @property
+    def timestamps(self) -> list[float]:
+        if self.frame_timestamps is None or self.frames_indices is None:
+            return super().timestamps
+        return [self.frame_timestamps[i] for i in self.frames_indices]
+
+
+def _is_encoded_video(video) -> bool:
+    return isinstance(video, (str, os.PathLike, bytes, bytearray, io.IOBase))
+
+
+def _describe(source) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, io.IOBase):
+        return "<file object>"
+    return str(source)
+
+
+def _open_container(source) -> av.container.InputContainer:
+    """Open a path, http(s) URL, bytes or binary file object with PyAV, with errors that say what is wrong."""
+    name = _describe(source)
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(source, timeout=URL_TIMEOUT_S) as response:
+                source = response.read()
+        except OSError as error:
+            raise ValueError(f"Could not download the video {name}: {error}. Check the URL or pass a local file.") from None
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"Video file not found: {name}. Check the path (relative paths start at {os.getcwd()}).")
+        if os.path.getsize(source) == 0:
+            raise ValueError(f"The video file {name} is empty (0 bytes). Re-download or re-export it.")
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ValueError("The video is empty (0 bytes). Pass the bytes of a whole video file.")
+        source = io.BytesIO(source)
+    try:
+        return av.open(source)
+    except av.error.FFmpegError as error:
+        raise ValueError(
+            f"Could not read {name} as a video ({error.strerror}). The file is truncated, corrupt or not a video "
+            "(a complete MP4/WebM/MKV/AVI… file is expected)."
+        ) from None
+
+
+def _index_frames(container, stream, name: str) -> tuple[list[int], list[int]]:
+    """Presentation timestamps of all frames and of the keyframes, read by demuxing (no decoding)."""
+    pts, keyframes = [], []
+    try:
+        for packet in container.demux(stream):
+            time = packet.pts if packet.pts is not None else packet.dts
+            if time is None:  # flush packet at the end of the stream
+                continue
+            pts.append(time)
+            if packet.is_keyframe:
+                keyframes.append(time)
+    except av.error.FFmpegError as error:
+        raise ValueError(f"Could not read the frames of {name} ({error.strerror}): the file is corrupt or truncated.") from None
+    if not pts:
+        raise ValueError(f"{name} has a video stream but no frames. Re-export the video.")
+    if stream.frames and len(pts) < stream.frames:
+        raise ValueError(
+            f"{name} is truncated: its header lists {stream.frames} frames but only {len(pts)} can be read. "
+            "Re-download or re-export the file."
+        )
+    pts.sort()
+    return pts, sorted(keyframes) or [pts[0]]
+
+
+def _decode_frames(container, stream, wanted: list[int], keyframes: list[int], name: str) -> dict[int, np.ndarray]:
+    """Decode the frames with presentation timestamps `wanted` (sorted), seeking to the keyframe before a target
+    whenever that keyframe lies beyond the current decoding position. Returns {pts: RGB uint8 array (H, W, 3)}."""
+    frames: dict[int, np.ndarray] = {}
+    next_idx, position = 0, None
+    try:
+        while next_idx < len(wanted):
+            keyframe = keyframes[max(bisect.bisect_right(keyframes, wanted[next_idx]) - 1, 0)]
+            container.seek(keyframe, stream=stream, backward=True)
+            position = None
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                position = frame.pts
+                while next_idx < len(wanted) and wanted[next_idx] <= position:
+                    frames[wanted[next_idx]] = frame.to_ndarray(format="rgb24")
+                    next_idx += 1
+                if next_idx == len(wanted):
+                    break
+                next_keyframe = keyframes[max(bisect.bisect_right(keyframes, wanted[next_idx]) - 1, 0)]
+                if next_keyframe > position:  # cheaper to jump to the next target's keyframe than to decode on
+                    break
+            else:
+                if next_idx < len(wanted):
+                    raise ValueError(
+                        f"{name} ended before the frame at pts {wanted[next_idx]} (stream time base "
+                        f"{stream.time_base}) could be decoded: the file is truncated or corrupt."
+                    )
+    except av.error.FFmpegError as error:
+        raise ValueError(f"Could not decode {name} ({error.strerror}): the file is corrupt or truncated.") from None
+    return frames
+
+
+def read_video_pyav(source, sample_indices_fn=None) -> tuple[np.ndarray, StormVideoMetadata]:
+    """Decode the sampled frames of one video with PyAV.
+
+    Frames are indexed by demuxing the whole stream (container headers can misreport the frame count), the sampler
+    picks indices from that index and only the picked frames are decoded, seeking keyframe to keyframe.
+
+    Args:
+        source (`str`, `os.PathLike`, `bytes` or binary file object): local path, http(s) URL or encoded bytes.
+        sample_indices_fn (`Callable[[StormVideoMetadata], np.ndarray]`, *optional*): returns the frame indices to
+            keep; all frames when `None`.
+
+    Returns:
+        `tuple[np.ndarray, StormVideoMetadata]`: frames `(num_frames, height, width, 3)` uint8 RGB, and metadata with
+        `frames_indices`, `frame_timestamps` (seconds), `fps` (average, from the timestamps), size and duration.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: empty, truncated, corrupt or non-video input, or no video stream.
+    """
+    name = _describe(source)
+    with _open_container(source) as container:
+        if not container.streams.video:
+            raise ValueError(f"{name} contains no video stream (audio-only or not a video file).")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        pts, keyframes = _index_frames(container, stream, name)
+        time_base = float(stream.time_base)
+        frame_timestamps = [(p - pts[0]) * time_base for p in pts]
+        span = frame_timestamps[-1]
+        fps = (len(pts) - 1) / span if span > 0 else float(stream.average_rate or 1)
+        metadata = StormVideoMetadata(
+            total_num_frames=len(pts),
+            fps=fps,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            duration=len(pts) / fps,
+            video_backend="pyav",
+            frame_timestamps=frame_timestamps,
+        )
+        indices = np.arange(len(pts)) if sample_indices_fn is None else np.asarray(sample_indices_fn(metadata=metadata))
+        wanted = sorted({pts[i] for i in indices})
+        decoded = _decode_frames(container, stream, wanted, keyframes, name)
+    metadata.frames_indices = indices.tolist()
+    return np.stack([decoded[pts[i]] for i in indices]), metadata
+
+
+def sample_frame_indices(metadata: VideoMetadata, num_frames: int | None = None, fps: float | None = None) -> np.ndarray:
+    """Indices of the frames nearest to uniformly spaced times.
+
+    `num_frames`: that many times spread evenly from the first to the last frame (both included, as VILA's
+    `np.linspace`). `fps`: one frame every `1/fps` seconds from the first frame, `max(1, int(duration * fps))` frames.
+    Times come from `metadata.frame_timestamps` when known (variable frame rate), else from frame indices.
+
+    Raises:
+        ValueError: both or neither of `num_frames` / `fps`; more frames asked than the video has; fps sampling of a
+        video whose frame rate is unknown.
+    """
+    if (num_frames is None) == (fps is None):
+        raise ValueError(f"Pass exactly one of num_frames or fps (got num_frames={num_frames}, fps={fps}).")
+    total = metadata.total_num_frames
+    times = getattr(metadata, "frame_timestamps", None)
+    if fps is not None:
+        if metadata.fps is None and times is None:
+            raise ValueError(
+                "Sampling at fps needs the video's frame rate: pass video_metadata with fps, a file path, or num_frames."
+            )
+        video_fps = metadata.fps
+        times = np.asarray(times if times is not None else np.arange(total) / video_fps)
+        num_frames = max(1, int(total / video_fps * fps))
+        targets = times[0] + np.arange(num_frames) / fps
+    else:
+        times = np.asarray(times if times is not None else np.arange(total, dtype=float))
+        targets = np.linspace(times[0], times[-1], num_frames)
+    if num_frames > total:
+        raise ValueError(
+            f"Asked for {num_frames} frames but the video has only {total}. Use num_frames<={total} or a lower fps."
+        )
+    right = np.clip(np.searchsorted(times, targets), 1, max(total - 1, 1))
+    left = right - 1
+    nearest = np.where(np.abs(targets - times[left]) <= np.abs(times[right] - targets), left, right)
+    return nearest.clip(0, total - 1)
+
+
+class StormVideoProcessor(BaseVideoProcessor):
+    r"""
+    Video processor of STORM (`AutoVideoProcessor`): decodes, samples, resizes and normalizes frames for SigLIP.
+
+    Accepts paths, http(s) URLs, encoded bytes, or already decoded videos (arrays `(T, H, W, 3)`, tensors, lists of
+    PIL frames). Frames are sampled either as `num_frames` uniformly over the whole duration or at `fps` frames per
+    second (one of the two; `fps` wins over the default `num_frames`), by timestamp. Output: `pixel_values_videos`
+    of shape `(num_videos, num_frames, 3, size["height"], size["width"])`, and `video_metadata` (indices, timestamps
+    in seconds, fps) with `return_metadata=True`.
+
+    Defaults: 448×448 bicubic resize without keeping the aspect ratio, rescale to [0, 1], normalize with mean = std
+    = 0.5 (PaliGemma SigLIP), 32 frames.
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    size = {"height": 448, "width": 448}
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    do_sample_frames = True
+    num_frames = 32
+    model_input_names = ["pixel_values_videos"]
+
+    def preprocess(self, videos, **kwargs):
+        if kwargs.get("fps") is not None:
+            if kwargs.get("num_frames") is not None:
+                raise ValueError(
+                    f"Pass either num_frames or fps, not both (got num_frames={kwargs['num_frames']}, fps={kwargs['fps']})."
+                )
+            kwargs["num_frames"] = None  # an explicit fps replaces the default num_frames
+        return super().preprocess(videos, **kwargs)
+
+    def sample_frames(self, metadata: VideoMetadata, num_frames: int | None = None, fps: float | None = None, **kwargs):
+        """Frame indices to keep; see `sample_frame_indices`."""
+        if num_frames is None and fps is None:
+            num_frames = self.num_frames
+        return sample_frame_indices(metadata, num_frames=num_frames, fps=fps)
+
+    def _decode_and_sample_videos(self, videos, video_metadata, do_sample_frames=None, sample_indices_fn=None):
+        encoded = _flatten_encoded_videos(videos)
+        if encoded is None:  # decoded frames: transformers samples them with `sample_frames`
+            return super()._decode_and_sample_videos(videos, video_metadata, do_sample_frames, sample_indices_fn)
+        decoded = [read_video_pyav(video, sample_indices_fn if do_sample_frames else None) for video in encoded]
+        return [frames for frames, _ in decoded], [metadata for _, metadata in decoded]
+
+
+def _flatten_encoded_videos(videos) -> list | None:
+    """Flat list of the encoded videos in a (possibly nested, per-sample) batch, or None if it holds decoded frames."""
+    if _is_encoded_video(videos):
+        return [videos]
+    if not isinstance(videos, (list, tuple)) or not videos:
+        return None
+    flat = [_flatten_encoded_videos(item) for item in videos]
+    return None if any(item is None for item in flat) else [video for item in flat for video in item]
+
+
+__all__ = ["StormVideoProcessor", "StormVideoMetadata", "read_video_pyav", "sample_frame_indices"]

@@ -1,0 +1,147 @@
+import pytest
+import torch
+import transformers
+from packaging import version
+from storm_testing import tiny_config
+from transformers import AutoProcessor, AutoTokenizer, AutoVideoProcessor
+
+from conversion.checkpoint import add_placeholder_tokens, build_processor
+from modeling_storm import StormConfig, StormForConditionalGeneration
+from processing_storm import StormProcessor, StormVideoProcessor
+
+
+@pytest.fixture(scope="module")
+def tokenizer(qwen2_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_tokenizer_dir)
+    add_placeholder_tokens(tokenizer)
+    return tokenizer
+
+
+def storm_config(tokenizer, **kwargs) -> StormConfig:
+    """A tiny config whose vocabulary and placeholder ids are the real Qwen2 tokenizer's."""
+    config = tiny_config(**kwargs)
+    config.text_config.vocab_size = len(tokenizer)
+    config.image_token_id, config.video_token_id = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
+    return config
+
+
+def video_message(path, text="What happens in this video?"):
+    return [{"role": "user", "content": [{"type": "video", "path": str(path)}, {"type": "text", "text": text}]}]
+
+
+def test_chat_template_renders_chatml_with_the_placeholder(tokenizer, video_path):
+    processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=4)
+    prompt = processor.apply_chat_template(video_message(video_path), add_generation_prompt=True)
+    assert prompt == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|video_pad|>\nWhat happens in this video?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.parametrize("frames, k, p, s", [(4, 2, 1, 1), (8, 4, 2, 1), (6, 2, 1, 2), (12, 3, 2, 2)])
+def test_placeholder_count_equals_the_model_features_on_a_real_clip(tokenizer, video_path, frames, k, p, s):
+    config = storm_config(tokenizer, image_size=64, temporal_pool_size=k, spatial_pool_size=p, temporal_sample_rate=s)
+    processor = build_processor(config, tokenizer, num_frames=frames)
+    inputs = processor.apply_chat_template(
+        video_message(video_path), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert inputs["pixel_values_videos"].shape == (1, frames, 3, 64, 64)
+    torch.manual_seed(0)
+    model = StormForConditionalGeneration(config).eval()
+    features = model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+    assert int((inputs["input_ids"] == config.video_token_id).sum()) == features.shape[1]
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_processor_and_model_settings_that_differ_are_reported(tokenizer, video_path):
+    config = storm_config(tokenizer, temporal_pool_size=2)
+    processor = build_processor(config, tokenizer, num_frames=4)
+    processor.temporal_sample_rate = 2  # set on the processor only
+    inputs = processor.apply_chat_template(
+        video_message(video_path), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    model = StormForConditionalGeneration(config).eval()
+    with pytest.raises(ValueError, match=r"4 video placeholder tokens .* 8 feature tokens .*temporal_sample_rate=1"):
+        model(**inputs)
+
+
+def test_save_and_load_through_auto_classes(tokenizer, tmp_path):
+    config = storm_config(tokenizer, temporal_pool_size=4, spatial_pool_size=2)
+    processor = build_processor(config, tokenizer, num_frames=8)
+    config.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is StormProcessor and type(loaded.video_processor) is StormVideoProcessor
+    for name in ("patch_size", "downsample_factor", "temporal_pool_size", "spatial_pool_size", "temporal_sample_rate"):
+        assert getattr(loaded, name) == getattr(processor, name), name
+    assert loaded.video_token_id == config.video_token_id and loaded.chat_template == processor.chat_template
+    assert loaded.video_processor.num_frames == 8 and loaded.video_processor.size.height == 32
+    assert type(AutoVideoProcessor.from_pretrained(tmp_path)) is StormVideoProcessor
+
+
+def test_images_and_several_videos_in_one_batch(tokenizer, videos_dir):
+    config = storm_config(tokenizer)
+    processor = build_processor(config, tokenizer, num_frames=4)
+    conversations = [
+        video_message(videos_dir / "bikes.mp4", "Short?"),
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "path": str(videos_dir / "carphone_pristine.mp4")},
+                    {"type": "text", "text": "A much longer question about the video, with more words."},
+                ],
+            }
+        ],
+    ]
+    inputs = processor.apply_chat_template(
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, "padding_side": "left"},
+    )
+    assert inputs["pixel_values_videos"].shape[:2] == (2, 4)
+    assert inputs["attention_mask"][0, 0] == 0 and inputs["attention_mask"][1].all()
+    per_video = config.num_video_tokens(4)
+    assert (inputs["input_ids"] == config.video_token_id).sum(1).tolist() == [per_video, per_video]
+    images = processor(text=["<|image_pad|>\nhi"], images=[torch.randint(0, 255, (3, 50, 70), dtype=torch.uint8)], return_tensors="pt")
+    assert images["pixel_values"].shape == (1, 3, 32, 32)
+    assert int((images["input_ids"] == config.image_token_id).sum()) == config.num_image_tokens()
+
+
+def test_bytes_video_in_a_message(tokenizer, video_path):
+    processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=4)
+    message = [{"role": "user", "content": [{"type": "video", "video": video_path.read_bytes()}, {"type": "text", "text": "?"}]}]
+    inputs = processor.apply_chat_template(message, tokenize=True, return_dict=True, return_tensors="pt")
+    assert inputs["pixel_values_videos"].shape[1] == 4
+
+
+@pytest.mark.skipif(
+    version.parse(transformers.__version__) < version.parse("5.18"),
+    reason="transformers < 5.18 computes assistant masks before expanding media placeholders",
+)
+def test_assistant_tokens_mask_covers_the_reply_and_its_end_token(tokenizer, video_path):
+    processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=4)
+    conversation = video_message(video_path) + [{"role": "assistant", "content": [{"type": "text", "text": "A rabbit."}]}]
+    out = processor.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True
+    )
+    marked = out["input_ids"][0][out["assistant_masks"][0].bool()]
+    assert processor.decode(marked) == "A rabbit.<|im_end|>"
+
+
+def test_errors_name_the_problem(tokenizer, video_path):
+    config = storm_config(tokenizer, temporal_pool_size=4)
+    processor = build_processor(config, tokenizer, num_frames=6)
+    with pytest.raises(ValueError, match="num_frames=6 is not a multiple of temporal_pool_size=4.*Sample 4 or 8"):
+        processor(text=["<|video_pad|>"], videos=[str(video_path)])
+    with pytest.raises(ValueError, match=r"fps=1.5 gave 7 frames for video 0\. num_frames=7 is not a multiple"):
+        processor(text=["<|video_pad|>"], videos=[str(video_path)], fps=1.5)
+    processor.video_processor.size = {"height": 32, "width": 48}
+    with pytest.raises(ValueError, match="square frames"):
+        processor(text=["<|video_pad|>"], videos=[str(video_path)], num_frames=4)
+    bare = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    with pytest.raises(ValueError, match=r"The tokenizer has no '<\|image_pad\|>' token"):
+        StormProcessor(image_processor=processor.image_processor, tokenizer=bare, video_processor=processor.video_processor)

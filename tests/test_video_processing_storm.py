@@ -1,0 +1,149 @@
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from video_files import frame_index, numbered_frames, write_audio_only, write_video
+
+from processing_storm import StormVideoProcessor, read_video_pyav, sample_frame_indices
+from processing_storm.video_processing_storm import StormVideoMetadata
+
+
+def decode_all(path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def test_real_clip_gives_the_requested_frames_with_increasing_timestamps(video_path):
+    processor = StormVideoProcessor()
+    out = processor(str(video_path), num_frames=8, return_metadata=True, return_tensors="pt")
+    pixels, metadata = out["pixel_values_videos"], out["video_metadata"][0]
+    assert pixels.shape == (1, 8, 3, 448, 448) and pixels.dtype == torch.float32
+    assert -1.0 <= pixels.min() and pixels.max() <= 1.0  # SigLIP normalisation: mean = std = 0.5
+    assert (metadata.total_num_frames, metadata.width, metadata.height) == (132, 1280, 720)
+    assert metadata.fps == pytest.approx(25.0)
+    timestamps = metadata.timestamps
+    assert len(timestamps) == 8 and all(b > a for a, b in zip(timestamps, timestamps[1:]))
+    assert timestamps[0] == 0.0 and timestamps[-1] == pytest.approx(131 / 25)  # first and last frame included
+    assert metadata.frames_indices == [0, 19, 37, 56, 75, 94, 112, 131]
+
+
+def test_fps_sampling_takes_one_frame_per_interval(videos_dir):
+    out = StormVideoProcessor()(str(videos_dir / "bikes.mp4"), fps=2, return_metadata=True, return_tensors="pt")
+    assert out["pixel_values_videos"].shape[1] == 20  # 10 s at 2 fps
+    assert out["video_metadata"][0].timestamps[:3] == pytest.approx([0.0, 0.5, 1.0], abs=0.02 + 1e-9)  # half a frame
+    with pytest.raises(ValueError, match="either num_frames or fps"):
+        StormVideoProcessor()(str(videos_dir / "bikes.mp4"), fps=2, num_frames=8)
+
+
+def test_seeking_decoder_returns_exactly_the_sequentially_decoded_frames(tmp_path):
+    path = write_video(tmp_path / "gop5.mp4", numbered_frames(30), gop_size=5)  # 6 keyframes
+    reference = decode_all(path)
+    for indices in ([0, 29], [3, 4, 12, 13, 27], [1, 7, 8, 22], list(range(30)), [17, 17, 2]):
+        frames, metadata = read_video_pyav(path, lambda metadata, indices=indices: np.array(indices))
+        assert metadata.frames_indices == indices
+        for frame, index in zip(frames, indices):
+            assert np.array_equal(frame, reference[index])
+            assert frame_index(frame) == index
+
+
+def test_variable_frame_rate_is_sampled_by_time(tmp_path):
+    times = [0.0, 0.1, 0.2, 1.0, 2.5, 3.0]
+    path = write_video(tmp_path / "vfr.mp4", numbered_frames(6), timestamps=times)
+    frames, metadata = read_video_pyav(path, functools.partial(sample_frame_indices, num_frames=4))
+    # targets 0, 1, 2, 3 s -> nearest frames at 0.0, 1.0, 2.5, 3.0 s (index sampling would give 0, 2, 3, 5)
+    assert metadata.frames_indices == [0, 3, 4, 5]
+    assert metadata.timestamps == pytest.approx([0.0, 1.0, 2.5, 3.0])
+    assert [frame_index(frame) for frame in frames] == [0, 3, 4, 5]
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".avi"])
+def test_other_containers_including_ones_without_a_frame_count(tmp_path, suffix):
+    path = write_video(tmp_path / f"clip{suffix}", numbered_frames(30))
+    with av.open(path) as container:
+        header_count = container.streams.video[0].frames
+    frames, metadata = read_video_pyav(path, functools.partial(sample_frame_indices, num_frames=3))
+    assert metadata.total_num_frames == 30 and (suffix != ".mkv" or header_count == 0)
+    assert [frame_index(frame) for frame in frames] == [0, 14, 29]  # 14.5 rounds to the earlier frame
+
+
+def test_bytes_file_objects_and_paths(video_path):
+    processor = StormVideoProcessor(size={"height": 32, "width": 32}, num_frames=4)
+    reference = processor(str(video_path), return_tensors="pt")["pixel_values_videos"]
+    data = Path(video_path).read_bytes()
+    with open(video_path, "rb") as handle:
+        for source in (Path(video_path), data, bytearray(data), handle):
+            torch.testing.assert_close(processor(source, return_tensors="pt")["pixel_values_videos"], reference)
+    batch = processor([str(video_path), data], return_tensors="pt")["pixel_values_videos"]
+    assert batch.shape == (2, 4, 3, 32, 32)
+
+
+def test_http_url(videos_dir):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(videos_dir))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/bikes.mp4"
+        out = StormVideoProcessor(num_frames=4)(url, return_metadata=True, return_tensors="pt")
+        assert out["video_metadata"][0].total_num_frames == 250
+        with pytest.raises(ValueError, match="Could not download"):
+            StormVideoProcessor()(f"http://127.0.0.1:{server.server_port}/missing.mp4")
+    finally:
+        server.shutdown()
+
+
+def test_decoded_arrays_are_sampled_uniformly_including_both_ends():
+    video = numbered_frames(10)
+    out = StormVideoProcessor(size={"height": 32, "width": 32})(video, num_frames=4, return_metadata=True, return_tensors="pt")
+    assert out["video_metadata"][0].frames_indices.tolist() == [0, 3, 6, 9]
+    out = StormVideoProcessor()(video, do_sample_frames=False, return_tensors="pt")
+    assert out["pixel_values_videos"].shape[1] == 10
+
+
+def test_metadata_timestamps_fall_back_to_fps():
+    metadata = StormVideoMetadata(total_num_frames=10, fps=5.0, frames_indices=[0, 5])
+    assert metadata.timestamps == [0.0, 1.0]
+
+
+@pytest.fixture
+def bad_files(tmp_path, video_path, videos_dir):
+    data = Path(video_path).read_bytes()  # moov atom at the end: a cut file cannot be opened
+    faststart = write_video(tmp_path / "faststart.mp4", numbered_frames(30), options={"movflags": "faststart"})
+    faststart_data = Path(faststart).read_bytes()
+    files = {
+        "empty.mp4": b"",
+        "cut.mp4": data[: len(data) // 2],
+        "cut_faststart.mp4": faststart_data[: len(faststart_data) // 2],
+        "notes.mp4": b"these are not the frames you are looking for\n" * 50,
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    write_audio_only(tmp_path / "tone.wav")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "name, error, message",
+    [
+        ("missing.mp4", FileNotFoundError, "Video file not found"),
+        ("empty.mp4", ValueError, r"is empty \(0 bytes\)"),
+        ("cut.mp4", ValueError, "truncated, corrupt or not a video"),
+        ("cut_faststart.mp4", ValueError, "truncated: its header lists 30 frames but only"),
+        ("notes.mp4", ValueError, "truncated, corrupt or not a video"),
+        ("tone.wav", ValueError, "contains no video stream"),
+        (".", FileNotFoundError, "Video file not found"),
+    ],
+)
+def test_bad_files_raise_clear_errors(bad_files, name, error, message):
+    with pytest.raises(error, match=message):
+        StormVideoProcessor()(str(bad_files / name))
+
+
+def test_more_frames_than_the_video_has(video_path):
+    with pytest.raises(ValueError, match="Asked for 200 frames but the video has only 132"):
+        StormVideoProcessor()(str(video_path), num_frames=200)
