@@ -1,0 +1,92 @@
+"""Pieces shared by everything that writes a STORM checkpoint folder (tiny default, compose, VILA conversion, training).
+
+- `add_placeholder_tokens`: the tokenizer gains the image/video placeholders (as special tokens).
+- `build_processor`: a `StormProcessor` whose pooling/sampling settings are read from the model config, so the
+  placeholder expansion and the model's feature count come from the same numbers.
+- `write_checkpoint`: model + processor + generation config + card written to a temporary folder next to the output
+  and renamed into place at the end, so an interrupted run never leaves a half-written checkpoint.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import GenerationConfig, SiglipImageProcessor
+
+from modeling_storm import StormConfig
+from processing_storm import StormProcessor, StormVideoProcessor
+
+IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+MAX_SHARD_SIZE = "5GB"
+
+
+def add_placeholder_tokens(tokenizer) -> tuple[int, int]:
+    """Add `<|image_pad|>` / `<|video_pad|>` as special tokens when the tokenizer lacks them (Qwen2-VL tokenizers
+    already have them). Returns their ids `(image_token_id, video_token_id)`."""
+    missing = [token for token in (IMAGE_TOKEN, VIDEO_TOKEN) if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    image_id, video_id = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN])
+    return image_id, video_id
+
+
+def build_processor(config: StormConfig, tokenizer, num_frames: int) -> StormProcessor:
+    """The processor that matches `config`: frame size and patch size from the vision config, pooling and sampling
+    from the STORM fields, placeholders `<|image_pad|>` / `<|video_pad|>`, `num_frames` frames per video by default."""
+    side = config.vision_config.image_size
+    size = {"height": side, "width": side}
+    return StormProcessor(
+        image_processor=SiglipImageProcessor(size=size),
+        tokenizer=tokenizer,
+        video_processor=StormVideoProcessor(size=size, num_frames=num_frames),
+        image_token=IMAGE_TOKEN,
+        video_token=VIDEO_TOKEN,
+        patch_size=config.vision_config.patch_size,
+        downsample_factor=config.downsample_factor,
+        temporal_pool_size=config.temporal_pool_size,
+        spatial_pool_size=config.spatial_pool_size,
+        temporal_sample_rate=config.temporal_sample_rate,
+    )
+
+
+def chat_generation_config(tokenizer, max_new_tokens: int = 256) -> GenerationConfig:
+    """Greedy decoding that stops at `<|im_end|>` (end of a ChatML turn) or the tokenizer's EOS."""
+    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    stop = [token_id for token_id in dict.fromkeys(stop) if token_id is not None]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[-1]
+    return GenerationConfig(eos_token_id=stop, pad_token_id=pad, do_sample=False, max_new_tokens=max_new_tokens)
+
+
+def prepare_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output folder unless `overwrite` (checked before any slow work starts)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists. Choose another output folder or pass overwrite=True.")
+    return output_dir
+
+
+def write_checkpoint(output_dir, model, processor, card=None, overwrite: bool = False) -> Path:
+    """Save `model` (safetensors, 5 GB shards), `processor` and `card` (a `huggingface_hub.ModelCard`) into
+    `output_dir` atomically: everything is written to a temporary sibling folder that replaces `output_dir` at the end.
+
+    Raises:
+        FileExistsError: `output_dir` exists and `overwrite` is False.
+    """
+    output_dir = prepare_output_dir(output_dir, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private
+    try:
+        model.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE, save_original_format=False)
+        processor.save_pretrained(staging)
+        if card is not None:
+            card.save(staging / "README.md")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir

@@ -1,0 +1,48 @@
+import subprocess
+import sys
+
+from huggingface_hub import ModelCard
+from transformers import AutoModelForImageTextToText
+
+from modeling_storm import StormForConditionalGeneration
+from modeling_storm.cli import main
+
+
+def test_tiny_random_checkpoint_is_complete_and_says_it_is_random(tiny_checkpoint):
+    names = {path.name for path in tiny_checkpoint.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "README.md"} <= names
+    assert not any(path.name.startswith(".") for path in tiny_checkpoint.parent.iterdir())  # no leftover staging
+    card = ModelCard.load(tiny_checkpoint / "README.md")
+    assert "random-weights" in card.data.tags and card.data.pipeline_tag == "video-text-to-text"
+    assert "weights of this checkpoint are random" in card.text
+    assert "| visual tokens per video at 16 frames | 64 |" in card.text
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
+    assert isinstance(model, StormForConditionalGeneration)
+    assert model.config.text_config.vocab_size % 64 == 0
+
+
+def test_storm_generate_on_a_real_video(tiny_checkpoint, video_path, capsys):
+    code = main(["generate", "--model", str(tiny_checkpoint), "--video", str(video_path), "--prompt", "What happens?",
+                 "--num-frames", "8", "--max-new-tokens", "5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "weights of" in out and "are random" in out
+    assert "frames decoded: 8, at 0.00 … 5.24 s" in out
+    assert "visual tokens sent to the LLM: 32 (k=4" in out  # 8 frames / k=4 -> 2 x 16 tokens
+    assert "(5 new tokens)" in out and "answer: " in out
+
+
+def test_storm_generate_reports_bad_input(tiny_checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    assert main(["generate", "--model", str(tiny_checkpoint), "--video", str(empty), "--prompt", "?"]) == 1
+    assert "is empty (0 bytes)" in capsys.readouterr().err
+    args = ["generate", "--model", str(tiny_checkpoint), "--video", str(empty), "--prompt", "?", "--num-frames", "6"]
+    empty.unlink()
+    assert main(args) == 1
+    assert "Video file not found" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands():
+    result = subprocess.run([sys.executable, "-m", "modeling_storm.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "generate" in result.stdout and "fetch-assets" in result.stdout

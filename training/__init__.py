@@ -1,0 +1,1 @@
+"""Training recipes for STORM (TRL SFT, PEFT LoRA)."""
