@@ -59,6 +59,8 @@ def _open_container(source) -> av.container.InputContainer:
         except OSError as error:
             raise ValueError(f"Could not download the video {name}: {error}. Check the URL or pass a local file.") from None
     if isinstance(source, (str, os.PathLike)):
+        if os.path.isdir(source):
+            raise ValueError(f"{name} is a folder, not a video file. Pass the path of the video file itself.")
         if not os.path.isfile(source):
             raise FileNotFoundError(f"Video file not found: {name}. Check the path (relative paths start at {os.getcwd()}).")
         if os.path.getsize(source) == 0:

@@ -136,7 +136,7 @@ def bad_files(tmp_path, video_path, videos_dir):
         ("cut_faststart.mp4", ValueError, "truncated: its header lists 30 frames but only"),
         ("notes.mp4", ValueError, "truncated, corrupt or not a video"),
         ("tone.wav", ValueError, "contains no video stream"),
-        (".", FileNotFoundError, "Video file not found"),
+        (".", ValueError, "is a folder, not a video file"),
     ],
 )
 def test_bad_files_raise_clear_errors(bad_files, name, error, message):
