@@ -3,6 +3,7 @@
     storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F] [--max-new-tokens M]
     storm fetch-assets [--output assets] [--with-llm]          (conversion/cli.py)
     storm build-tiny-random [--output assets/storm-tiny-random]
+    storm train --config training/configs/sft_lora.yaml [--flag value …]      (training/cli.py)
 
 Each package adds its subcommands with a `register(subparsers)` function; `main` only parses and dispatches.
 """
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import conversion.cli
+import training.cli
 
 DEFAULT_MODEL = conversion.cli.DEFAULT_TINY
 
@@ -95,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, …")
     gen.set_defaults(run=generate)
     conversion.cli.register(commands)
+    training.cli.register(commands)
     return parser
 
 
