@@ -110,9 +110,8 @@ def report(losses: list[float], reference_path: str | None, training_args, distr
         steps = (
             f", {len(losses)} steps here vs {len(reference)} in the reference" if len(reference) != len(losses) else ""
         )
-        print(
-            f"{'MATCH' if matched else 'MISMATCH'}: largest relative difference {worst:.2e} (tolerance {TOLERANCE}){steps}"
-        )
+        verdict = "MATCH" if matched else "MISMATCH"
+        print(f"{verdict}: largest relative difference {worst:.2e} (tolerance {TOLERANCE}){steps}")
         if not matched:
             sys.exit(1)
 
