@@ -175,6 +175,14 @@ def test_unreadable_media_rows_are_skipped_with_a_warning_and_counted(
     assert "Image file not found" in warnings[-1] and "5 rows skipped so far" in warnings[-1]
 
 
+def test_skipped_rows_are_counted_across_data_loader_workers(processor, tmp_path):
+    collator = StormDataCollator(processor, NUM_FRAMES, data_root=tmp_path)
+    rows = [{"messages": video_turns("missing.mp4")}] * 4
+    loader = torch.utils.data.DataLoader(rows, batch_size=1, num_workers=2, collate_fn=collator)
+    assert len(list(loader)) == 4
+    assert collator.num_skipped == 4
+
+
 def test_strict_mode_raises_the_media_error(processor, tmp_path, bad_media):
     collator = StormDataCollator(processor, NUM_FRAMES, data_root=tmp_path, strict=True)
     with pytest.raises(FileNotFoundError, match="missing.mp4"):

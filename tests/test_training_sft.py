@@ -1,6 +1,8 @@
 """The SFT recipe end to end on the tiny checkpoint and real videos: loss, freezing, LoRA, resume, CLI, bad input."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,14 +11,16 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from storm_testing import tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from trl import SFTConfig
+from trl import SFTConfig, SFTTrainer
 
 from modeling_storm import StormForConditionalGeneration
 from modeling_storm.cli import main as storm
-from training.args import StormDataArguments, StormModelArguments
-from training.data import StormDataCollator
+from training.args import StormDataArguments, StormModelArguments, storm_sft_config
+from training.data import StormDataCollator, load_conversations
 from training.modules import ALIGNMENT_MODULES, LLM_LORA_TARGETS, check_lora_targets, storm_lora_config
-from training.sft import main
+from training.sft import load_model_and_processor, main
+
+REPO = Path(__file__).resolve().parents[1]
 
 NUM_FRAMES = 4
 ROWS = [
@@ -181,6 +185,34 @@ def test_storm_train_runs_a_yaml_recipe_and_reports_bad_input(tiny_checkpoint, d
     assert "bad.jsonl, line 1: The conversation has no assistant turn" in capsys.readouterr().err
 
 
+def test_a_bf16_checkpoint_stays_bf16_when_asked_and_an_upcast_is_announced(
+    tiny_checkpoint, dataset, tmp_path, caplog
+):
+    bf16 = tmp_path / "bf16"
+    AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoProcessor.from_pretrained(tiny_checkpoint).save_pretrained(bf16)
+    model, _ = load_model_and_processor(StormModelArguments(model_name_or_path=str(bf16)), NUM_FRAMES)
+    assert model.dtype == torch.float32
+    assert "Loading the torch.bfloat16 weights of" in caplog.text and "as float32" in caplog.text
+
+    model, processor = load_model_and_processor(
+        StormModelArguments(model_name_or_path=str(bf16), dtype="auto"), NUM_FRAMES
+    )
+    args = storm_sft_config(SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none"))
+    collator = StormDataCollator(processor, NUM_FRAMES, data_root=dataset.parent)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=load_conversations(dataset),
+        processing_class=processor,
+    )
+    trainer.save_model()
+    assert trainer.model.dtype == torch.bfloat16  # TRL's SFTTrainer (bf16=True by default) did not upcast it
+    assert trainer.model.model.temporal_encoder.layers[0].mixer.A_log.dtype == torch.float32  # kept fp32 by the model
+    assert AutoModelForImageTextToText.from_pretrained(tmp_path / "out").config.dtype == torch.bfloat16
+
+
 def test_lora_targets_that_match_nothing_are_errors():
     model = StormForConditionalGeneration(tiny_config())
     counts = check_lora_targets(model, storm_lora_config())
@@ -198,3 +230,41 @@ def test_lora_targets_that_match_nothing_are_errors():
         storm_lora_config(["language_model"])
     with pytest.raises(ValueError, match="unknown: \\['projector'\\]"):
         StormModelArguments(model_name_or_path="x", trainable_modules=["projector"])
+
+
+def readme_code(heading: str) -> str:
+    """The first Python block after `heading` in README.md."""
+    text = (REPO / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", text[text.index(heading) :], re.DOTALL).group(1)
+
+
+def replaced(code: str, replacements: dict[str, str]) -> str:
+    for old, new in replacements.items():
+        assert old in code, f"README code changed: {old!r} not found"
+        code = code.replace(old, new)
+    return code
+
+
+def test_readme_notebook_recipe_trains_a_lora_adapter_that_merges(tiny_checkpoint, videos_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_videos").mkdir()
+    for name, _, answer in ROWS:
+        (tmp_path / "my_videos" / name).symlink_to(videos_dir / name)
+        (tmp_path / "my_videos" / name).with_suffix(".txt").write_text(answer)
+    recipe = replaced(
+        readme_code("### Fine-tune on a folder of your own videos"),
+        {
+            '"runs/sft"': f'"{tiny_checkpoint}"',
+            'dtype="bfloat16"': 'dtype="float32"',  # CPU: bf16 matmuls are slow here
+            "num_frames=32": "num_frames=8",  # fewer frames to decode and scan
+            "max_length=None)": "max_length=None, use_cpu=True, bf16=False)",
+        },
+    )
+    namespace = {}
+    exec(recipe, namespace)  # noqa: S102
+    assert namespace["trainer"].state.global_step == 3  # 3 epochs of 2 rows, 8 accumulation steps
+    assert (tmp_path / "storm-my-videos-lora" / "adapter_model.safetensors").exists()
+
+    exec(replaced(readme_code("### LoRA"), {'"runs/sft"': f'"{tiny_checkpoint}"'}), namespace)  # noqa: S102
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "storm-my-videos")
+    assert type(merged) is StormForConditionalGeneration

@@ -216,7 +216,13 @@ class StormDataCollator:
         self.num_frames = num_frames
         self.data_root = Path(data_root) if data_root is not None else None
         self.strict = strict
-        self.num_skipped = 0
+        # In shared memory, so that DataLoader worker processes add to the same count.
+        self._skipped = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def num_skipped(self) -> int:
+        """Rows skipped so far for unreadable media, by this collator and its copies in DataLoader workers."""
+        return int(self._skipped)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         rows = [self.encode(example["messages"]) for example in examples]
@@ -312,7 +318,7 @@ class StormDataCollator:
     def _skip(self, error: Exception) -> None:
         if self.strict:
             raise error
-        self.num_skipped += 1
+        self._skipped += 1
         logger.warning(
             f"Skipping a training row (no loss from it): {error} [{self.num_skipped} rows skipped so far by this "
             "collator; pass strict=True to stop at the first unreadable file instead]"

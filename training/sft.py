@@ -34,15 +34,18 @@ Resume an interrupted run with `--resume_from_checkpoint runs/sft/checkpoint-500
 (or the LoRA adapter), the processor, the generation config and a model card.
 """
 
+import logging
 from pathlib import Path
 
 from .args import StormDataArguments, StormModelArguments, storm_sft_config
 
 POOLING_FIELDS = ("temporal_pool_size", "spatial_pool_size", "temporal_sample_rate")
+logger = logging.getLogger(__name__)
 
 
 def main(data_args: StormDataArguments, model_args: StormModelArguments, training_args):
     """Train as the arguments say; save the final model (or adapter), processor and card; return the trainer."""
+    import torch
     from trl import SFTTrainer
 
     from .data import StormDataCollator
@@ -78,7 +81,8 @@ def main(data_args: StormDataArguments, model_args: StormModelArguments, trainin
     if trainer.is_world_process_zero():
         card = training_model_card(trainer.model, processor, data_args, model_args, training_args, len(dataset))
         card.save(Path(training_args.output_dir) / "README.md")
-    skipped = collator.num_skipped if training_args.dataloader_num_workers == 0 else "see the data-loader warnings"
+    skipped = torch.tensor(collator.num_skipped, device=trainer.accelerator.device)
+    skipped = int(trainer.accelerator.reduce(skipped, reduction="sum"))  # over all processes
     trainer.accelerator.print(f"Saved {training_args.output_dir}. Rows skipped for unreadable media: {skipped}.")
     return trainer
 
@@ -93,7 +97,6 @@ def load_model_and_processor(model_args: StormModelArguments, num_frames: int):
     """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-    from transformers.utils import logging
 
     import processing_storm  # noqa: F401  (registers STORM with the Auto classes)
     from modeling_storm import get_num_visual_tokens
@@ -101,7 +104,7 @@ def load_model_and_processor(model_args: StormModelArguments, num_frames: int):
     path = model_args.model_name_or_path
     stored = AutoConfig.from_pretrained(path).dtype
     if model_args.dtype == "float32" and stored in (torch.bfloat16, torch.float16, "bfloat16", "float16"):
-        logging.get_logger(__name__).warning(
+        logger.warning(
             f"Loading the {stored} weights of {path} as float32 (fp32 master weights, bf16 compute with "
             "SFTConfig.bf16): twice the memory of the checkpoint. Pass --dtype bfloat16 to keep them in bfloat16 "
             "(e.g. for LoRA)."
