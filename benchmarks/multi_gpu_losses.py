@@ -1,9 +1,9 @@
 """Data-parallel check: a tiny STORM trained on 2 GPUs (FSDP2, training/accelerate/fsdp.yaml) has the same per-step
 losses as on 1 GPU with the same global batch.
 
-The model is the tiny random STORM of `conversion.tiny.tiny_config` (64 px frames, 16 tokens per frame, k = 4, a
-512-token vocabulary) and the data are fixed synthetic videos and token ids, so this needs only torch, transformers
-(>= 5.17), accelerate and this repository: no TRL, datasets, PyAV, assets or downloads. It trains with
+The model is a tiny random STORM (64 px frames, 16 tokens per frame, 2 Mamba layers, k = 4, a 512-token vocabulary)
+and the data are fixed synthetic videos and token ids, so this needs only torch, transformers (>= 5.17), accelerate
+and this repository: no TRL, PEFT, datasets, PyAV, torchvision, assets or downloads. It trains with
 `transformers.Trainer`, the base of TRL's `SFTTrainer`; TRL's fused LM head is not exercised here.
 
 Every step sees the whole data set (`--num_samples` = the global batch), so the losses do not depend on how the
@@ -66,14 +66,31 @@ class SyntheticVideoChats(torch.utils.data.Dataset):
         return self.rows[index]
 
 
+def check_config():
+    """The tiny STORM: SigLIP 64 px / patch 8 (16 tokens per frame), 2 bidirectional Mamba layers, Qwen2 of width 64."""
+    from modeling_storm import StormConfig
+
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    vision.update(num_attention_heads=2, patch_size=8, image_size=64, vision_use_head=False)
+    text = {"model_type": "qwen2", "vocab_size": VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128}
+    text.update(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    return StormConfig(
+        vision_config=vision,
+        text_config=text,
+        temporal_encoder_config={"num_hidden_layers": 2, "state_size": 8},
+        temporal_pool_size=4,
+        image_token_id=IMAGE_TOKEN_ID,
+        video_token_id=VIDEO_TOKEN_ID,
+    )
+
+
 def main(check: CheckArguments, training_args) -> list[float]:
     from transformers import Trainer, set_seed
 
-    from conversion.tiny import tiny_config
     from modeling_storm import StormForConditionalGeneration
     from training.modules import set_trainable_modules
 
-    config = tiny_config(VOCAB_SIZE, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)
+    config = check_config()
     set_seed(training_args.seed)
     model = StormForConditionalGeneration(config)
     if check.trainable_modules is not None:

@@ -1,5 +1,6 @@
 """The training collator on real videos: assistant-only labels, batching, unreadable media, bad conversations."""
 
+import base64
 import json
 import re
 
@@ -99,7 +100,14 @@ def test_a_batch_of_video_image_bytes_and_text_rows_trains(tiny_checkpoint, proc
         {"messages": video_turns(videos_dir / "bikes.mp4", "A longer question about what the people in it do?")},
         {
             "messages": [
-                {"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": "?"}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "path": str(image)},
+                        {"type": "image", "base64": base64.b64encode(image.read_bytes()).decode()},
+                        {"type": "text", "text": "?"},
+                    ],
+                },
                 {"role": "assistant", "content": "Grey."},
             ]
         },
@@ -119,14 +127,14 @@ def test_a_batch_of_video_image_bytes_and_text_rows_trains(tiny_checkpoint, proc
     batch = StormDataCollator(sampling, NUM_FRAMES)(rows)
     assert sampling.temporal_sample_rate == 2
     assert batch["pixel_values_videos"].shape == (2, NUM_FRAMES, 3, 64, 64)
-    assert batch["pixel_values"].shape == (1, 3, 64, 64)
+    assert batch["pixel_values"].shape == (2, 3, 64, 64)
     lengths = batch["attention_mask"].sum(1)
-    assert lengths[0] == batch["input_ids"].shape[1] and (lengths[1:] < lengths[0]).all()
+    assert lengths.max() == batch["input_ids"].shape[1] and lengths.min() < lengths.max()
     for row, length in enumerate(lengths.tolist()):  # right padding: pad ids, no attention, no labels
         assert (batch["input_ids"][row, length:] == processor.tokenizer.pad_token_id).all()
         assert (batch["labels"][row, length:] == IGNORE_INDEX).all() and batch["attention_mask"][row, :length].all()
     assert (batch["input_ids"] == processor.video_token_id).sum(1).tolist() == [16, 0, 16, 0]  # 4 frames / k=4 × 16
-    assert (batch["input_ids"] == processor.image_token_id).sum(1).tolist() == [0, 16, 0, 0]
+    assert (batch["input_ids"] == processor.image_token_id).sum(1).tolist() == [0, 32, 0, 0]
     assert [labelled_segments(labels, processor) for labels in batch["labels"]] == [
         ["A bike ride.<|im_end|>"],
         ["Grey.<|im_end|>"],

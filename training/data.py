@@ -118,8 +118,13 @@ def _with_list_content(message: dict) -> dict:
     return {**message, "content": content}
 
 
+def _media_entry(part: dict) -> tuple[str, object] | tuple[None, None]:
+    """`(key, value)` of the part's media, read in transformers' key order."""
+    return next(((key, part[key]) for key in MEDIA_KEYS[part["type"]] if part.get(key) is not None), (None, None))
+
+
 def _media_source(part: dict):
-    return next((part[key] for key in MEDIA_KEYS[part["type"]] if part.get(key) is not None), None)
+    return _media_entry(part)[1]
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
@@ -204,9 +209,8 @@ class StormDataCollator:
     """
 
     def __init__(self, processor, num_frames: int, data_root: str | os.PathLike | None = None, strict: bool = False):
-        get_num_visual_tokens(
-            num_frames, grid_size=1, temporal_pool_size=processor.temporal_pool_size
-        )  # checks T vs k
+        # Raises the project's error for T not a multiple of k, with the frame counts that work.
+        get_num_visual_tokens(num_frames, grid_size=1, temporal_pool_size=processor.temporal_pool_size)
         if processor.tokenizer.pad_token_id is None:
             raise ValueError(
                 "The tokenizer has no pad token. Set one, e.g. processor.tokenizer.pad_token = '<|endoftext|>'."
@@ -280,7 +284,7 @@ class StormDataCollator:
                 part = {key: value for key, value in part.items() if value is not None}  # Arrow fills absent keys
                 kind = part["type"]
                 if kind in MEDIA_KEYS:
-                    source = self._resolve(_media_source(part))
+                    source = self._resolve(*_media_entry(part))
                     try:
                         media = self._decode(kind, source)
                     except (OSError, ValueError) as error:  # FileNotFoundError is an OSError
@@ -293,9 +297,10 @@ class StormDataCollator:
             self._skip(failure)
         return loaded, failure
 
-    def _resolve(self, source):
-        """Relative local paths start at `data_root`; URLs, absolute paths, bytes and decoded frames are kept."""
-        if not isinstance(source, (str, os.PathLike)) or str(source).startswith(("http://", "https://")):
+    def _resolve(self, key: str, source):
+        """A local path as a `Path`, relative ones from `data_root`; URLs, base64, bytes and decoded frames as given."""
+        is_path = isinstance(source, (str, os.PathLike)) and key in ("path", "video", "image")
+        if not is_path or str(source).startswith(("http://", "https://", "data:")):
             return source
         return self.data_root / source if self.data_root is not None else Path(source)
 
@@ -330,7 +335,10 @@ def _naming_source(error: Exception, source) -> Exception:
     name = str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__} video>"
     if name in str(error):
         return error
-    named = type(error)(f"{name}: {error}")
+    try:
+        named = type(error)(f"{name}: {error}")
+    except TypeError:  # an exception type that needs more arguments
+        named = ValueError(f"{name}: {error}")
     named.__cause__ = error
     return named
 

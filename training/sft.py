@@ -52,8 +52,8 @@ def main(data_args: StormDataArguments, model_args: StormModelArguments, trainin
     from .modules import check_lora_targets, set_trainable_modules, storm_lora_config
 
     training_args = storm_sft_config(training_args)
+    dataset, data_root = load_training_data(data_args)  # bad rows stop the run before the model loads
     model, processor = load_model_and_processor(model_args, data_args.num_frames)
-    dataset, data_root = load_training_data(data_args)
     collator = StormDataCollator(processor, data_args.num_frames, data_root=data_root, strict=data_args.strict)
     peft_config = None
     if model_args.use_peft:
