@@ -10,8 +10,8 @@ Every step sees the whole data set (`--num_samples` = the global batch), so the 
 samples are split between GPUs and micro-batches. Run from the repository root (fp32, so the runs agree closely):
 
 ```bash
-# 1 GPU: 4 samples per micro-batch × 2 accumulation steps
-PYTHONPATH=. python benchmarks/multi_gpu_losses.py \
+# 1 GPU (one visible GPU: with several, Trainer would use nn.DataParallel): 4 samples per micro-batch × 2 accumulation
+CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python benchmarks/multi_gpu_losses.py \
     --per_device_train_batch_size 4 --gradient_accumulation_steps 2 --output_dir /tmp/storm_losses_1gpu
 # 2 GPUs, FSDP2: 4 samples per GPU; compares with the 1-GPU losses and exits with 1 if they differ
 PYTHONPATH=. accelerate launch --config_file training/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no \

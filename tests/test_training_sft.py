@@ -269,3 +269,4 @@ def test_readme_notebook_recipe_trains_a_lora_adapter_that_merges(tiny_checkpoin
     exec(replaced(readme_code("### LoRA"), {'"runs/sft"': f'"{tiny_checkpoint}"'}), namespace)  # noqa: S102
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "storm-my-videos")
     assert type(merged) is StormForConditionalGeneration
+    assert AutoProcessor.from_pretrained(tmp_path / "storm-my-videos").video_processor.num_frames == 16
