@@ -135,18 +135,21 @@ def load_model_and_processor(model_args: StormModelArguments, num_frames: int):
 
 
 def load_training_data(data_args: StormDataArguments):
-    """`(dataset, data_root)`: a JSONL file through `load_conversations` (data root: its folder), anything else
+    """`(dataset, data_root)`: a `.jsonl` file through `load_conversations` (data root: its folder), anything else
     through `datasets.load_dataset`, every row checked with `check_conversation` up front.
 
     Raises:
-        ValueError: a row that fails `check_conversation` (with its index) or a dataset without `messages`.
+        ValueError: a `.json` file (JSONL is expected), a row that fails `check_conversation` (with its line or index),
+        or a dataset without `messages`.
     """
     from datasets import load_dataset
 
     from .data import check_conversation, load_conversations
 
     name = data_args.dataset_name
-    if name.endswith((".jsonl", ".json")):
+    if name.endswith(".json"):
+        raise ValueError(f"{name}: pass the conversations as JSONL, one {{'messages': [...]}} object per line.")
+    if name.endswith(".jsonl"):
         root = data_args.data_root if data_args.data_root is not None else Path(name).parent
         return load_conversations(name), root
     dataset = load_dataset(name, data_args.dataset_config, split=data_args.dataset_train_split)
