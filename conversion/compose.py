@@ -196,7 +196,7 @@ def compose_checkpoint(
         processor,
         repo_id=card_fields["repo_id"] or output_dir.name,
         summary=card_fields["summary"],
-        provenance=f"Made by {card_fields['origin']}.\n\n{facts}",
+        provenance=f"Made by {card_fields['origin']}.\n\n{facts}\n\n{_licence_note(card_fields['license'])}",
         limits=_limits(config),
         base_model=card_fields["base_model"] or None,
         base_model_relation="finetune" if card_fields["base_model"] else None,
@@ -250,7 +250,8 @@ def _report(model, names, num_vision, num_llm, unused, rows, added, seed, extra_
     for part, source in lines:
         print(f"{part}: {source}")
     tolerance = TOLERANCE[model.dtype]
-    table = "\n".join(f"| {part} | {source} |" for part, source in lines)
+    cells = [(part, source.replace("|", "\\|")) for part, source in lines]  # `<|...|>` inside a Markdown table
+    table = "\n".join(f"| {part} | {source} |" for part, source in cells)
     return (
         f"| STORM part | from |\n|---|---|\n{table}\n\nThe new weights come from torch seed {seed}. At conversion "
         "the written checkpoint was checked against its sources: the vision tower's hidden states and the text-only "
@@ -267,6 +268,15 @@ def _summarise(keys: list[str]) -> str:
         f"`{prefix}.*` ({len(group)} tensors)" if len(group) > 1 else f"`{group[0]}`"
         for prefix, group in groups.items()
     )
+
+
+def _licence_note(license: str) -> str:
+    if license == "other":
+        return (
+            "Licence: the sources' model cards declare no common licence, so each source's own licence applies to "
+            "its weights here; check them before use or redistribution."
+        )
+    return f"Licence: {license}, as declared by the sources' model cards."
 
 
 def _limits(config: StormConfig) -> str:
@@ -327,8 +337,8 @@ def compose(
     summary = (
         "**Not trained yet: the projector and the temporal encoder of this checkpoint have random weights.** It is a "
         f"STORM composed from the vision model `{names[0]}` and the LLM `{names[1]}` by `storm convert compose`: the "
-        "starting point of STORM's stage-1 training. Until then its answers about videos and images are noise; on "
-        f"text alone it answers exactly as `{names[1]}` does."
+        "starting point of STORM's stage-1 training. Until then its answers about videos and images are noise; given "
+        f"a text-only prompt it answers exactly as `{names[1]}` does."
     )
     output_dir = compose_checkpoint(
         vision_model,

@@ -18,7 +18,7 @@ from transformers import (
 
 from conversion import compose as compose_module
 from conversion.compose import compose
-from conversion.sources import check_chat_template, resolve_source
+from conversion.sources import check_chat_template, resolve_source, source_license
 from conversion.verification import VERIFY_CONVERSATION
 from modeling_storm.cli import main
 from processing_storm import default_chat_template
@@ -243,6 +243,20 @@ def no_chat_template(folders):
     return folders["siglip"], folders["qwen2"]
 
 
+def clip_normalisation(folders):
+    write_json(
+        folders["siglip"] / "preprocessor_config.json",
+        {"image_mean": [0.481, 0.458, 0.408], "image_std": [0.269, 0.261, 0.276]},
+    )
+    return folders["siglip"], folders["qwen2"]
+
+
+def quantized_llm(folders):
+    config = read_json(folders["qwen2"] / "config.json")
+    write_json(folders["qwen2"] / "config.json", config | {"quantization_config": {"quant_method": "gptq", "bits": 4}})
+    return folders["siglip"], folders["qwen2"]
+
+
 def width_not_matching_the_weights(folders):
     write_json(folders["siglip"] / "config.json", read_json(folders["siglip"] / "config.json") | {"hidden_size": 40})
     return folders["siglip"], folders["qwen2"]
@@ -258,6 +272,8 @@ def width_not_matching_the_weights(folders):
         (llm_as_vision, ValueError, "is a 'qwen2', not SigLIP.*did you swap --vision and --llm"),
         (clip, ValueError, "is a 'clip_vision_model', not SigLIP"),
         (no_chat_template, ValueError, "has no chat template"),
+        (clip_normalisation, ValueError, r"normalises images with image_mean=\[0.481.*STORM's processors use \[0.5"),
+        (quantized_llm, ValueError, r"is quantized \(gptq\).*needs the unquantized checkpoint"),
         (width_not_matching_the_weights, ValueError, "do not match its config.json .*mis-shaped"),
     ],
 )
@@ -351,3 +367,15 @@ def test_a_whole_siglip_from_the_hub_in_bfloat16(sources, tmp_path, monkeypatch,
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a model that could be downloaded"):
         resolve_source("org/elsewhere", "LLM")
+
+
+def test_the_card_licence_is_the_sources_common_one(tmp_path):
+    folders = [tmp_path / "vision", tmp_path / "llm"]
+    for folder, license in zip(folders, ["apache-2.0", "apache-2.0"]):
+        folder.mkdir()
+        (folder / "README.md").write_text(f"---\nlicense: {license}\n---\n# model\n")
+    assert source_license(folders) == "apache-2.0"
+    (folders[1] / "README.md").write_text("---\nlicense: llama3\n---\n# model\n")
+    assert source_license(folders) == "other"
+    (folders[1] / "README.md").unlink()
+    assert source_license(folders) == "other"
