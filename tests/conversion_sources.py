@@ -2,7 +2,6 @@
 real Qwen2 tokenizer), and a tiny checkpoint in VILA's layout (config.json + llm/ + vision_tower/ + mm_projector/)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -142,8 +141,3 @@ def write_json(path: Path, data: dict) -> None:
 def leftovers(output: Path) -> list[str]:
     """Anything a conversion into `output` left next to it: the folder itself or a temporary `.name.partial-*`."""
     return sorted(path.name for path in output.parent.iterdir() if path.name.lstrip(".").startswith(output.name))
-
-
-def copy_tree(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    return target

@@ -379,3 +379,14 @@ def test_the_card_licence_is_the_sources_common_one(tmp_path):
     assert source_license(folders) == "other"
     (folders[1] / "README.md").unlink()
     assert source_license(folders) == "other"
+
+
+def test_help_lists_both_conversions(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["convert", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    assert "compose" in out and "vila" in out
+    with pytest.raises(SystemExit):
+        main(["convert", "vila", "--help"])
+    assert "--discard-mm-projector" in capsys.readouterr().out

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 from conversion_sources import TEXT, VISION, leftovers, read_json, save_vila, write_json
@@ -84,8 +86,6 @@ def _extra_key(part, key):
 
 def _remove(part):
     def edit(folder):
-        import shutil
-
         shutil.rmtree(folder / part)
 
     return edit
@@ -106,8 +106,6 @@ def _remove(part):
     ],
 )
 def test_vila_checkpoints_storm_cannot_convert_fail_clearly(vila, tmp_path, edit, error, message):
-    import shutil
-
     source = shutil.copytree(vila, tmp_path / "vila")
     edit(source)
     output = tmp_path / "storm"
