@@ -175,20 +175,21 @@ def measure(model, inputs, timer: ModuleTimer, stages: dict, repeats: int) -> di
     row = {label: sum(timer.seconds(name) for name in names) for label, names in stages.items()}
     row["time to first token (s)"] = ttft
     row["peak memory (GiB)"] = gib(torch.cuda.max_memory_allocated())
+    _generate(model, inputs, timer, new_tokens=2)  # warm the decode path at this context length
     torch.cuda.synchronize()
     start = time.perf_counter()
     _generate(model, inputs, timer)
     torch.cuda.synchronize()
-    total = time.perf_counter() - start
-    visual = ttft - row["LLM prefill (s)"]
-    row["decode (ms/token)"] = 1000 * (total - visual - timer.seconds("llm", call=0)) / (NEW_TOKENS - 1)
+    decode_steps = NEW_TOKENS - 1
+    row["decode (ms/token)"] = 1000 * (time.perf_counter() - start - ttft) / decode_steps
+    row["LLM GPU time per decode step (ms)"] = 1000 * (timer.seconds("llm") - timer.seconds("llm", call=0)) / decode_steps
     return row
 
 
-def _generate(model, inputs, timer, **kwargs):
+def _generate(model, inputs, timer, new_tokens=NEW_TOKENS, **kwargs):
     timer.reset()
     with torch.inference_mode():
-        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
+        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
 
 
 # ---------------------------------------------------------------- sections

@@ -82,8 +82,9 @@ class StormMambaMixer(nn.Module):
         scan_fn, conv_fn = kernels[0] or selective_scan, kernels[1]
         if conv_fn is not None:
             x = conv_fn(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")  # (B, E, L)
-        else:
-            x = F.silu(conv1d(x)[..., : x.shape[-1]])  # causal: output t sees inputs t-K+1..t; (B, E, L)
+        else:  # in float32 like the kernel, so both round once; causal: output t sees inputs t-K+1..t
+            out = F.conv1d(x.float(), conv1d.weight.float(), conv1d.bias.float(), padding=conv1d.padding, groups=conv1d.groups)
+            x = F.silu(out[..., : x.shape[-1]]).to(x.dtype)  # (B, E, L)
         dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.state_size, self.state_size], dim=-1)
         dt = dt_proj.weight @ dt.transpose(1, 2)  # (B, E, L); the bias is added inside the scan
         A = -torch.exp(A_log.float())  # (E, N)
