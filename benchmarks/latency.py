@@ -161,8 +161,9 @@ def video_prompt(video_token_id: int, visual_tokens: int, frames: int, image_siz
 def measure(model, inputs, timer: ModuleTimer, stages: dict, repeats: int) -> dict:
     """Time to first token with per-stage times, decode ms/token and peak memory for one prompt.
 
-    `stages` maps a column name to the timer names it sums. Decode time per token = (generate time − visual encoding
-    − the first LLM call) / 63, i.e. the 63 decode steps of a 64-token greedy generation with a dynamic cache.
+    `stages` maps a column name to the timer names it sums. Decode time per token = (wall time of a 64-token greedy
+    generation with a dynamic cache − time to first token) / 63, after a 2-token warm-up generation; the LLM's GPU time
+    per decode step is reported beside it (the difference is Python and kernel-launch overhead).
     """
     free_memory()
 
