@@ -8,8 +8,10 @@ Sections (pick with --sections, all by default):
   the LLM prefill, time to first token (one full forward with `logits_to_keep=1`), decode ms/token (greedy, 64 new
   tokens, dynamic KV cache) and peak GPU memory. Module times come from CUDA events recorded by forward hooks during
   that same forward, so they add up to the time to first token.
-- `compiled`: decoding with transformers' static cache (`cache_implementation="static"`, which makes `generate`
-  compile the decode step with `torch.compile(mode="reduce-overhead")`) after a 128-frame 4× prefill.
+- `decode`: decode speed by context length with the dynamic cache, and with transformers' static cache
+  (`cache_implementation="static"`, with which `generate` compiles the decode step with
+  `torch.compile(mode="reduce-overhead")`) after a 128-frame 4× prefill.
+- `profile`: the 20 costliest GPU kernels of one 128-frame 4× prefill (torch.profiler).
 - `llava`: transformers' `LlavaOnevisionForConditionalGeneration` at 7B sizes (SigLIP-So400m/14 at 384 px, 196
   tokens per frame after its 2×2 bilinear pooling, Qwen2-7B), same measurements.
 - `encoder`: the temporal encoder alone (2 bidirectional layers), forward+backward, kernels vs torch path, at width
@@ -219,33 +221,57 @@ def bench_storm(frames_list, repeats) -> list[dict]:
     return rows
 
 
-def bench_compiled(repeats) -> list[dict]:
+def bench_decode(repeats) -> list[dict]:
+    """Decode speed (64 greedy tokens, batch 1) by context length, with the dynamic cache and with transformers'
+    static cache, with which `generate` compiles the decode step (`torch.compile(mode="reduce-overhead")`)."""
     model = storm_7b(max_positions=32768)
     timer = ModuleTimer({"llm": model.model.language_model})
     rows = []
-    model.config.temporal_pool_size, model.config.temporal_sample_rate = 4, 1
-    inputs = video_prompt(model.config.video_token_id, model.config.num_video_tokens(128), 128, 448)
-    for cache in ("dynamic", "static"):
+    settings = [(8, "1×", "dynamic"), (128, "1×", "dynamic"), (128, "4× (k=4)", "dynamic"), (128, "4× (k=4)", "static")]
+    for frames, name, cache in settings:
+        model.config.temporal_pool_size, model.config.temporal_sample_rate = COMPRESSIONS[name]
+        visual = model.config.num_video_tokens(frames)
+        inputs = video_prompt(model.config.video_token_id, visual, frames, 448)
         kwargs = {"cache_implementation": "static"} if cache == "static" else {}
-        _generate(model, inputs, timer, **kwargs)  # warm-up (and compilation for the static cache)
-        _generate(model, inputs, timer, **kwargs)
-        times = []
+        for _ in range(2):  # warm-up (compiles for the static cache)
+            _generate(model, inputs, timer, **kwargs)
+        per_token = []
         for _ in range(max(repeats, 1)):
             torch.cuda.synchronize()
-            start = time.perf_counter()
             _generate(model, inputs, timer, **kwargs)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
             torch.cuda.synchronize()
-            total = time.perf_counter() - start
-            first = timer.events["llm"][0][1]
-            last = torch.cuda.Event(enable_timing=True)
-            last.record()
-            torch.cuda.synchronize()
-            times.append(first.elapsed_time(last) / (NEW_TOKENS - 1))
-        ms = statistics.median(times)
-        rows.append({"model": "STORM", "frames": 128, "compression": "4× (k=4)", "cache": cache,
-                     "decode (ms/token)": ms, "decode (tokens/s)": 1000 / ms})
+            first_end = timer.events["llm"][0][1]  # end of the prefill's LLM call
+            per_token.append(first_end.elapsed_time(end) / (NEW_TOKENS - 1))
+        ms = statistics.median(per_token)
+        rows.append({"frames": frames, "compression": name, "context (tokens)": inputs["input_ids"].shape[1],
+                     "cache": cache, "decode (ms/token)": ms, "decode (tokens/s)": 1000 / ms,
+                     "runs (ms/token)": ", ".join(f"{t:.1f}" for t in per_token)})
         print(rows[-1], flush=True)
     timer.remove()
+    del model
+    free_memory()
+    return rows
+
+
+def bench_profile() -> list[dict]:
+    """Where the time of one 128-frame 4× prefill goes: the 20 costliest GPU operations (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = storm_7b(max_positions=32768)
+    model.config.temporal_pool_size, model.config.temporal_sample_rate = 4, 1
+    inputs = video_prompt(model.config.video_token_id, model.config.num_video_tokens(128), 128, 448)
+    with torch.inference_mode():
+        model(**inputs, logits_to_keep=1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(**inputs, logits_to_keep=1)
+            torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0 and not e.key.startswith("aten::"))
+    rows = [{"GPU kernel": e.key[:90], "calls": e.count, "total (ms)": e.device_time_total / 1000,
+             "share of kernel time": e.device_time_total / total} for e in events if not e.key.startswith("aten::")][:20]
     del model
     free_memory()
     return rows
@@ -394,8 +420,8 @@ def environment() -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmark-results")
-    parser.add_argument("--sections", nargs="+", default=["encoder", "storm", "compiled", "llava"],
-                        choices=["encoder", "storm", "compiled", "llava", "cpu"])
+    parser.add_argument("--sections", nargs="+", default=["encoder", "storm", "decode", "llava", "profile"],
+                        choices=["encoder", "storm", "decode", "llava", "profile", "cpu"])
     parser.add_argument("--frames", nargs="+", type=int, default=[8, 32, 64, 128, 256])
     parser.add_argument("--llava-frames", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--repeats", type=int, default=3)
@@ -407,7 +433,8 @@ def main():
     runners = {
         "encoder": lambda: bench_encoder(args.repeats),
         "storm": lambda: bench_storm(args.frames, args.repeats),
-        "compiled": lambda: bench_compiled(args.repeats),
+        "decode": lambda: bench_decode(args.repeats),
+        "profile": bench_profile,
         "llava": lambda: bench_llava(args.llava_frames, args.repeats),
         "cpu": lambda: bench_cpu(args.repeats),
     }
@@ -417,7 +444,7 @@ def main():
     if "storm" in results:
         results["ratios"] = ratios(results["storm"], results.get("llava", []))
     (out / "latency.json").write_text(json.dumps(results, indent=1, default=str))
-    for section in ("encoder", "storm", "compiled", "llava", "ratios", "cpu"):
+    for section in ("encoder", "storm", "decode", "llava", "ratios", "profile", "cpu"):
         if section in results:
             print(f"\n## {section}\n\n{markdown(results[section])}")
 
