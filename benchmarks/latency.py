@@ -224,7 +224,7 @@ def bench_storm(frames_list, repeats) -> list[dict]:
 def bench_decode(repeats) -> list[dict]:
     """Decode speed (64 greedy tokens, batch 1) by context length, with the dynamic cache and with transformers'
     static cache, with which `generate` compiles the decode step (`torch.compile(mode="reduce-overhead")`)."""
-    model = storm_7b(max_positions=32768)
+    model = storm_7b(max_positions=40000)
     timer = ModuleTimer({"llm": model.model.language_model})
     rows = []
     settings = [(8, "1×", "dynamic"), (128, "1×", "dynamic"), (128, "4× (k=4)", "dynamic"), (128, "4× (k=4)", "static")]
