@@ -202,7 +202,7 @@ class StormConfig(PreTrainedConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}={getattr(self, name)}` must be at least 1 (1 = off).")
         num_layers = self.vision_config.num_hidden_layers
-        if not -num_layers <= self.vision_feature_layer <= num_layers:
+        if not -(num_layers + 1) <= self.vision_feature_layer <= num_layers:  # hidden_states: embeddings + each layer
             raise ValueError(
                 f"`vision_feature_layer={self.vision_feature_layer}` is out of range for a vision tower with "
                 f"{num_layers} layers (hidden states -{num_layers + 1}..{num_layers})."
