@@ -3,8 +3,10 @@
 - `add_placeholder_tokens`: the tokenizer gains the image/video placeholders (as special tokens).
 - `build_processor`: a `StormProcessor` whose pooling/sampling settings are read from the model config, so the
   placeholder expansion and the model's feature count come from the same numbers.
-- `write_checkpoint`: model + processor + generation config + card written to a temporary folder next to the output
-  and renamed into place at the end, so an interrupted run never leaves a half-written checkpoint.
+- `write_checkpoint`: model + processor + generation config + card (+ remote code) written to a temporary folder next
+  to the output, verified there, and renamed into place at the end, so an interrupted or failed run never leaves a
+  half-written checkpoint.
+- `push_to_hub`: upload a finished checkpoint folder as one commit.
 """
 
 import os
@@ -67,12 +69,21 @@ def prepare_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     return output_dir
 
 
-def write_checkpoint(output_dir, model, processor, card=None, overwrite: bool = False) -> Path:
-    """Save `model` (safetensors, 5 GB shards), `processor` and `card` (a `huggingface_hub.ModelCard`) into
-    `output_dir` atomically: everything is written to a temporary sibling folder that replaces `output_dir` at the end.
+def write_checkpoint(
+    output_dir, model, processor, card=None, overwrite: bool = False, remote_code: bool = False, verify=None
+) -> Path:
+    """Save `model` (safetensors, 5 GB shards, current key names), `processor` and `card` (a
+    `huggingface_hub.ModelCard`) into `output_dir` atomically: everything is written to a temporary sibling folder
+    that replaces `output_dir` at the end.
+
+    Args:
+        remote_code: also write the source files and `auto_map` (`conversion.remote_code.write_remote_code`).
+        verify: called with the temporary folder once it is complete, before it is moved into place; whatever it
+            raises aborts the write.
 
     Raises:
-        FileExistsError: `output_dir` exists and `overwrite` is False.
+        FileExistsError: `output_dir` exists and `overwrite` is False. Anything `verify` raises. In every case the
+        temporary folder is removed and an existing `output_dir` is left as it was.
     """
     output_dir = prepare_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -81,8 +92,14 @@ def write_checkpoint(output_dir, model, processor, card=None, overwrite: bool = 
     try:
         model.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE, save_original_format=False)
         processor.save_pretrained(staging)
+        if remote_code:
+            from .remote_code import write_remote_code
+
+            write_remote_code(staging)
         if card is not None:
             card.save(staging / "README.md")
+        if verify is not None:
+            verify(staging)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)
@@ -90,3 +107,21 @@ def write_checkpoint(output_dir, model, processor, card=None, overwrite: bool = 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def push_to_hub(folder, repo_id: str) -> str:
+    """Upload the finished checkpoint `folder` to the Hub model repository `repo_id` (created if needed) in one
+    commit, with huggingface_hub's `upload_folder`. Returns the commit URL.
+
+    Raises:
+        huggingface_hub errors (not logged in, no write access, no network), unchanged.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, repo_type="model", folder_path=str(folder), commit_message="Upload STORM checkpoint"
+    )
+    print(f"uploaded {folder} to https://huggingface.co/{repo_id}")
+    return commit.commit_url

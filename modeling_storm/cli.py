@@ -33,7 +33,7 @@ def generate(args) -> str:
         raise SystemExit(f"No STORM checkpoint in {model_dir} (no config.json).{hint}")
     card = model_dir / "README.md"
     if card.exists() and "random-weights" in (ModelCard.load(card).data.tags or []):
-        print(f"NOTE: the weights of {model_dir} are random: the answer below is noise, not understanding.")
+        print(f"NOTE: {model_dir} has random (untrained) weights: the answer below is noise, not understanding.")
 
     start = time.perf_counter()
     processor = AutoProcessor.from_pretrained(model_dir)

@@ -71,6 +71,10 @@ class StormTemporalEncoderConfig(PreTrainedConfig):
             Epsilon of the pre-norm LayerNorm of each layer (the paper says "layer normalization").
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal init of `in_proj` and `x_proj`.
+        use_mamba_kernels (`bool`, *optional*, defaults to `True`):
+            On CUDA tensors, run the scan with mamba_ssm's `selective_scan_fn` and the convolution with causal_conv1d's
+            `causal_conv1d_fn` when those packages import (`pip install storm-transformers[cuda]`). `False` forces
+            the torch path, which is the reference and runs everywhere.
     """
 
     model_type = "storm_temporal_encoder"
@@ -85,6 +89,7 @@ class StormTemporalEncoderConfig(PreTrainedConfig):
     bidirectional_merge: Literal["sum", "mean"] = "sum"
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
+    use_mamba_kernels: bool = True
 
     def __post_init__(self, **kwargs):
         for name in ("state_size", "conv_kernel", "expand"):
@@ -197,7 +202,7 @@ class StormConfig(PreTrainedConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}={getattr(self, name)}` must be at least 1 (1 = off).")
         num_layers = self.vision_config.num_hidden_layers
-        if not -num_layers <= self.vision_feature_layer <= num_layers:
+        if not -(num_layers + 1) <= self.vision_feature_layer <= num_layers:  # hidden_states: embeddings + each layer
             raise ValueError(
                 f"`vision_feature_layer={self.vision_feature_layer}` is out of range for a vision tower with "
                 f"{num_layers} layers (hidden states -{num_layers + 1}..{num_layers})."

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_storm import StormTemporalEncoderConfig
+from .kernels import mamba_kernels
 from .selective_scan import selective_scan
 
 # Δ initialisation of mamba_ssm's `Mamba` (dt_min, dt_max, dt_init_floor): Δ = softplus(dt_proj.bias) starts
@@ -48,6 +49,7 @@ class StormMambaMixer(nn.Module):
 
     def __init__(self, config: StormTemporalEncoderConfig):
         super().__init__()
+        self.config = config
         self.state_size, self.dt_rank = config.state_size, config.dt_rank
         self.bidirectional = config.bidirectional
         self.merge = config.bidirectional_merge
@@ -74,20 +76,27 @@ class StormMambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))  # (B, L, D)
 
     def _scan(self, x, z, conv1d, x_proj, dt_proj, A_log, D):
-        seqlen = x.shape[-1]
-        x = F.silu(conv1d(x)[..., :seqlen])  # causal: output t sees inputs t-K+1..t; (B, E, L)
+        # The one dispatch point: mamba_ssm / causal_conv1d kernels for CUDA tensors when they import and
+        # `use_mamba_kernels` is on; otherwise the torch spec. Both compute the same thing (tests/test_kernels.py).
+        kernels = mamba_kernels() if x.is_cuda and self.config.use_mamba_kernels else (None, None)
+        scan_fn, conv_fn = kernels[0] or selective_scan, kernels[1]
+        if conv_fn is not None:
+            x = conv_fn(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")  # (B, E, L)
+        else:  # in float32 like the kernel, so both round once; causal: output t sees inputs t-K+1..t
+            out = F.conv1d(x.float(), conv1d.weight.float(), conv1d.bias.float(), padding=conv1d.padding, groups=conv1d.groups)
+            x = F.silu(out[..., : x.shape[-1]]).to(x.dtype)  # (B, E, L)
         dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.state_size, self.state_size], dim=-1)
         dt = dt_proj.weight @ dt.transpose(1, 2)  # (B, E, L); the bias is added inside the scan
         A = -torch.exp(A_log.float())  # (E, N)
-        return selective_scan(
+        return scan_fn(
             x,
             dt,
             A,
-            B.transpose(1, 2),  # (B, N, L)
-            C.transpose(1, 2),  # (B, N, L)
-            D=D,
+            B.transpose(1, 2).contiguous(),  # (B, N, L)
+            C.transpose(1, 2).contiguous(),  # (B, N, L)
+            D=D.float(),
             z=z,
-            delta_bias=dt_proj.bias,
+            delta_bias=dt_proj.bias.float(),
             delta_softplus=True,
         )
 

@@ -31,6 +31,12 @@ def videos_dir():
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct (Llama architecture, ChatML), Q4_1 GGUF, fetched with `storm fetch-assets --with-llm`."""
+    return _asset("llm", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
 def qwen2_tokenizer_dir(tmp_path_factory):
     """The real Qwen2 tokenizer (from llama.cpp's vocab GGUF) saved as tokenizer.json, converted once per session."""
     from transformers import AutoTokenizer

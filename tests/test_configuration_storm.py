@@ -39,11 +39,17 @@ def test_round_trip_keeps_every_field(tmp_path):
         ({"temporal_encoder_config": {"hidden_size": 64}}, "must equal text_config.hidden_size"),
         ({"video_token_id": 10**6}, "outside the LLM vocabulary"),
         ({"vision_feature_layer": 40}, "vision_feature_layer=40"),
+        ({"vision_feature_layer": -29}, "vision_feature_layer=-29"),
     ],
 )
 def test_invalid_fields_raise_with_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         StormConfig(**kwargs)
+
+
+def test_every_hidden_state_can_be_the_feature_layer():
+    assert StormConfig(vision_feature_layer=-28).vision_feature_layer == -28  # the patch embeddings of 27 layers
+    assert StormConfig(vision_feature_layer=27).vision_feature_layer == 27
 
 
 def test_token_count_formula():

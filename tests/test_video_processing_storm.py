@@ -51,6 +51,24 @@ def test_seeking_decoder_returns_exactly_the_sequentially_decoded_frames(tmp_pat
             assert frame_index(frame) == index
 
 
+def test_keyframes_only_sampling_decodes_distinct_keyframes_in_order(tmp_path, video_path):
+    path = write_video(tmp_path / "gop5.mp4", numbered_frames(30), gop_size=5)  # keyframes 0, 5, ..., 25
+    reference = decode_all(path)
+    out = StormVideoProcessor(size={"height": 32, "width": 32})(
+        path, num_frames=4, keyframes_only=True, return_metadata=True, return_tensors="pt"
+    )
+    metadata = out["video_metadata"][0]
+    assert metadata.keyframe_indices == [0, 5, 10, 15, 20, 25]
+    # targets at frames 0, 9.67, 19.33, 29 -> nearest distinct keyframes in order
+    assert list(metadata.frames_indices) == [0, 10, 20, 25]
+    frames, _ = read_video_pyav(path, functools.partial(sample_frame_indices, num_frames=6, keyframes_only=True))
+    assert all(np.array_equal(frame, reference[i]) for frame, i in zip(frames, [0, 5, 10, 15, 20, 25]))
+    with pytest.raises(ValueError, match="the video has 1 keyframes, fewer than the 2 frames asked"):
+        StormVideoProcessor()(str(video_path), num_frames=2, keyframes_only=True)
+    with pytest.raises(ValueError, match="needs an encoded video"):
+        StormVideoProcessor()(numbered_frames(10), num_frames=2, keyframes_only=True)
+
+
 def test_variable_frame_rate_is_sampled_by_time(tmp_path):
     times = [0.0, 0.1, 0.2, 1.0, 2.5, 3.0]
     path = write_video(tmp_path / "vfr.mp4", numbered_frames(6), timestamps=times)
