@@ -180,9 +180,10 @@ class StormDataCollator:
     Collator for STORM supervised fine-tuning: conversation rows → padded model inputs with assistant-only labels.
 
     Per row it decodes each video (`num_frames` frames spread uniformly over the whole video, first and last included,
-    with `StormVideoProcessor.sample_frames`) and image, applies the processor's chat template, expands the
-    placeholders (with `temporal_sample_rate=1`: the model never samples while training), and labels the assistant
-    replies (`assistant_only_labels`); rows are then right-padded to the longest one.
+    with `StormVideoProcessor.sample_frames`, scaled to the processor's frame size while decoding) and image, applies
+    the processor's chat template, expands the placeholders (with `temporal_sample_rate=1`: the model never samples
+    while training), and labels the assistant replies (`assistant_only_labels`); rows are then right-padded to the
+    longest one.
 
     A row whose video or image is missing, unreadable, or shorter than `num_frames` frames is skipped: a warning names
     the file and the reason, `num_skipped` counts it, and the row stays in the batch with blank frames and no labels,
@@ -298,7 +299,7 @@ class StormDataCollator:
         return loaded, failure
 
     def _resolve(self, key: str, source):
-        """A local path as a `Path`, relative ones from `data_root`; URLs, base64, bytes and decoded frames as given."""
+        """A local path becomes a `Path` (relative ones start at `data_root`); URLs, base64, bytes, frames: kept."""
         is_path = isinstance(source, (str, os.PathLike)) and key in ("path", "video", "image")
         if not is_path or str(source).startswith(("http://", "https://", "data:")):
             return source
@@ -310,8 +311,10 @@ class StormDataCollator:
                 raise FileNotFoundError(f"Image file not found: {source}.")
             return load_image(str(source) if isinstance(source, Path) else source)
         if isinstance(source, (str, os.PathLike, bytes, bytearray)):
-            sample = functools.partial(self.processor.video_processor.sample_frames, num_frames=self.num_frames)
-            frames, _ = read_video_pyav(source, sample)
+            video_processor = self.processor.video_processor
+            sample = functools.partial(video_processor.sample_frames, num_frames=self.num_frames)
+            # Scaled to the processor's frame size while decoding, as the video processor does for encoded videos.
+            frames, _ = read_video_pyav(source, sample, size=video_processor._decode_size({}))
             return frames
         return source  # decoded frames: the video processor samples them
 
