@@ -10,10 +10,13 @@ Usage:
     python benchmarks/decode.py --build [--keyint 250] [--preset veryfast]   # writes assets/long_720p_k{keyint}.mp4
     python benchmarks/decode.py --video assets/long_720p_k250.mp4 [--num-frames 128] [--repeats 3]
 
-Prints: frames indexed, keyframes, time to index (demux only), time to decode the sampled frames, total.
+Prints, for exact and for keyframes-only sampling: frames and keyframes in the video, the time to index the video and
+decode the sampled frames at 448×448 (median of --repeats), the time of a whole `StormVideoProcessor` call (decode +
+normalisation to `pixel_values_videos`), and how far the sampled frames are from the uniform target times.
 """
 
 import argparse
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -43,36 +46,32 @@ def build(output: Path, keyint: int, preset: str, assets: Path) -> Path:
     return output
 
 
-def measure(video: Path, num_frames: int, repeats: int) -> dict:
-    from processing_storm import read_video_pyav, sample_frame_indices
-    from processing_storm.video_processing_storm import _index_frames, _open_container
+def measure(video: Path, num_frames: int, repeats: int, keyframes_only: bool) -> dict:
+    """Decode `num_frames` frames at 448×448 (as the processor asks) and time it; also the full processor call."""
+    from processing_storm import StormVideoProcessor, read_video_pyav, sample_frame_indices
 
-    def index_only():
-        with _open_container(str(video)) as container:
-            stream = container.streams.video[0]
-            return _index_frames(container, stream, str(video))
-
-    def decode():
-        return read_video_pyav(str(video), lambda metadata: sample_frame_indices(metadata, num_frames=num_frames))
-
-    pts, keyframes = index_only()
-    index_times, total_times = [], []
+    sample = functools.partial(sample_frame_indices, num_frames=num_frames, keyframes_only=keyframes_only)
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        index_only()
-        index_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        frames, metadata = decode()
-        total_times.append(time.perf_counter() - start)
+        frames, metadata = read_video_pyav(str(video), sample, size=(448, 448))
+        times.append(time.perf_counter() - start)
     assert frames.shape[0] == num_frames and np.all(np.diff(metadata.timestamps) > 0)
+    processor = StormVideoProcessor(num_frames=num_frames, keyframes_only=keyframes_only)
+    start = time.perf_counter()
+    processor(str(video), return_tensors="pt")
+    processor_time = time.perf_counter() - start
+    targets = np.linspace(metadata.frame_timestamps[0], metadata.frame_timestamps[-1], num_frames)
+    offset = np.abs(np.asarray(metadata.timestamps) - targets)
     return {
         "video": video.name,
-        "size (MB)": video.stat().st_size / 1e6,
-        "frames": len(pts),
-        "keyframes": len(keyframes),
-        "sampled frames": num_frames,
-        "index (s)": statistics.median(index_times),
-        "index + decode (s)": statistics.median(total_times),
+        "frames": metadata.total_num_frames,
+        "keyframes": len(metadata.keyframe_indices),
+        "sampling": "keyframes_only" if keyframes_only else "exact",
+        "decode (s)": statistics.median(times),
+        "processor call (s)": processor_time,
+        "mean |t - target| (s)": float(offset.mean()),
+        "max |t - target| (s)": float(offset.max()),
     }
 
 
@@ -91,8 +90,9 @@ def main():
         out = build(Path(args.assets) / f"long_720p_k{args.keyint}.mp4", args.keyint, args.preset, Path(args.assets))
         print(f"built {out} in {time.perf_counter() - start:.0f} s")
     for video in args.video or []:
-        row = measure(Path(video), args.num_frames, args.repeats)
-        print(" | ".join(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}" for k, v in row.items()))
+        for keyframes_only in (False, True):
+            row = measure(Path(video), args.num_frames, args.repeats, keyframes_only)
+            print(" | ".join(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}" for k, v in row.items()))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import functools
 import io
 import os
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import av
@@ -20,6 +21,8 @@ from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoMetadata
 
 URL_TIMEOUT_S = 60
+# Threads that decode separate stretches of a long video at once (each opens its own container).
+DECODE_THREADS = min(os.cpu_count() or 1, 8)
 
 
 @dataclass
@@ -53,8 +56,9 @@ def _describe(source) -> str:
     return str(source)
 
 
-def _open_container(source) -> av.container.InputContainer:
-    """Open a path, http(s) URL, bytes or binary file object with PyAV, with errors that say what is wrong."""
+def _load_source(source) -> str | bytes:
+    """A path (str) or the encoded bytes of `source` (path, http(s) URL, bytes or binary file object), checked, so
+    that the video can be opened several times (one container per decoding thread)."""
     name = _describe(source)
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         try:
@@ -62,19 +66,26 @@ def _open_container(source) -> av.container.InputContainer:
                 source = response.read()
         except OSError as error:
             raise ValueError(f"Could not download the video {name}: {error}. Check the URL or pass a local file.") from None
-    if isinstance(source, (str, os.PathLike)):
-        if os.path.isdir(source):
-            raise ValueError(f"{name} is a folder, not a video file. Pass the path of the video file itself.")
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"Video file not found: {name}. Check the path (relative paths start at {os.getcwd()}).")
-        if os.path.getsize(source) == 0:
-            raise ValueError(f"The video file {name} is empty (0 bytes). Re-download or re-export it.")
+    if isinstance(source, io.IOBase):
+        source = source.read()
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ValueError("The video is empty (0 bytes). Pass the bytes of a whole video file.")
-        source = io.BytesIO(source)
+        return bytes(source)
+    if os.path.isdir(source):
+        raise ValueError(f"{name} is a folder, not a video file. Pass the path of the video file itself.")
+    if not os.path.isfile(source):
+        hint = "" if os.path.isabs(source) else f" (relative paths start at {os.getcwd()})"
+        raise FileNotFoundError(f"Video file not found: {name}. Check the path{hint}.")
+    if os.path.getsize(source) == 0:
+        raise ValueError(f"The video file {name} is empty (0 bytes). Re-download or re-export it.")
+    return os.fspath(source)
+
+
+def _open_container(data: str | bytes, name: str) -> av.container.InputContainer:
+    """Open a path or encoded bytes from `_load_source` with PyAV."""
     try:
-        return av.open(source)
+        return av.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except av.error.FFmpegError as error:
         raise ValueError(
             f"Could not read {name} as a video ({error.strerror}). The file is truncated, corrupt or not a video "
@@ -184,16 +195,16 @@ def read_video_pyav(
         FileNotFoundError: missing file. ValueError: empty, truncated, corrupt or non-video input, or no video stream.
     """
     name = _describe(source)
+    data = _load_source(source)
     scale = {} if size is None else {"height": size[0], "width": size[1], "interpolation": "BICUBIC"}
 
     def convert(frame):
         return frame.to_ndarray(format="rgb24", **scale)
 
-    with _open_container(source) as container:
+    with _open_container(data, name) as container:
         if not container.streams.video:
             raise ValueError(f"{name} contains no video stream (audio-only or not a video file).")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
         pts, keyframes = _index_frames(container, stream, name)
         time_base = float(stream.time_base)
         frame_timestamps = [(p - pts[0]) * time_base for p in pts]
@@ -210,11 +221,34 @@ def read_video_pyav(
             frame_timestamps=frame_timestamps,
             keyframe_indices=[i for i, p in enumerate(pts) if p in keyframe_set],
         )
-        indices = np.arange(len(pts)) if sample_indices_fn is None else np.asarray(sample_indices_fn(metadata=metadata))
-        wanted = sorted({pts[i] for i in indices})
-        decoded = _decode_frames(container, stream, wanted, keyframes, name, convert)
+    indices = np.arange(len(pts)) if sample_indices_fn is None else np.asarray(sample_indices_fn(metadata=metadata))
+    wanted = sorted({pts[i] for i in indices})
+
+    def decode(part: list[int]) -> dict[int, np.ndarray]:
+        with _open_container(data, name) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            return _decode_frames(container, stream, part, keyframes, name, convert)
+
+    parts = _split_by_keyframe(wanted, keyframes, DECODE_THREADS)
+    with ThreadPoolExecutor(len(parts)) as pool:  # PyAV releases the GIL while decoding
+        decoded = {pts: frame for part in pool.map(decode, parts) for pts, frame in part.items()}
     metadata.frames_indices = indices.tolist()
     return np.stack([decoded[pts[i]] for i in indices]), metadata
+
+
+def _split_by_keyframe(wanted: list[int], keyframes: list[int], parts: int) -> list[list[int]]:
+    """Split the sorted `wanted` timestamps into up to `parts` runs of about equal length that never cut a keyframe
+    interval in two (each run is decoded on its own, from its own keyframes)."""
+    group = [bisect.bisect_right(keyframes, pts) for pts in wanted]  # keyframe interval of each wanted frame
+    runs, start = [], 0
+    for end in np.linspace(0, len(wanted), parts + 1)[1:].round().astype(int):
+        while 0 < end < len(wanted) and group[end] == group[end - 1]:
+            end += 1
+        if end > start:
+            runs.append(wanted[start:end])
+            start = end
+    return runs
 
 
 def sample_frame_indices(
