@@ -66,6 +66,38 @@ def build_tiny_random(
     Raises:
         FileExistsError: `output_dir` exists and `overwrite` is False. FileNotFoundError: no tokenizer found.
     """
+    return random_checkpoint(
+        output_dir,
+        tokenizer_dir,
+        tiny_config,
+        seed=seed,
+        num_frames=TINY_NUM_FRAMES,
+        summary="**The weights of this checkpoint are random.** It is a tiny STORM (about 20 M parameters) with the "
+        "real Qwen2 tokenizer that exercises the whole pipeline; its answers are noise.",
+        origin="`storm build-tiny-random` (`conversion/tiny.py`)",
+        overwrite=overwrite,
+    )
+
+
+def random_checkpoint(
+    output_dir: str | Path,
+    tokenizer_dir: str | Path,
+    make_config,
+    *,
+    seed: int,
+    num_frames: int,
+    summary: str,
+    origin: str = "`conversion.tiny.random_checkpoint`",
+    overwrite: bool = False,
+) -> Path:
+    """Write a randomly initialised STORM with the real Qwen2 tokenizer (and its processor and card) to `output_dir`.
+
+    `make_config(vocab_size, image_token_id, video_token_id)` returns the `StormConfig`; the vocabulary is the
+    tokenizer's plus the two placeholders, padded to a multiple of 64. `num_frames` is the processor's default.
+
+    Raises:
+        FileExistsError: `output_dir` exists and `overwrite` is False. FileNotFoundError: no tokenizer found.
+    """
     output_dir = prepare_output_dir(output_dir, overwrite)
     tokenizer_dir = Path(tokenizer_dir)
     if (tokenizer_dir / QWEN2_GGUF).exists():
@@ -76,20 +108,19 @@ def build_tiny_random(
         raise FileNotFoundError(f"No Qwen2 tokenizer in {tokenizer_dir}: run `storm fetch-assets` first.")
     image_token_id, video_token_id = add_placeholder_tokens(tokenizer)
     vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    config = tiny_config(vocab_size, image_token_id, video_token_id)
+    config = make_config(vocab_size, image_token_id, video_token_id)
     torch.manual_seed(seed)
     model = StormForConditionalGeneration(config)
     model.generation_config = chat_generation_config(tokenizer, max_new_tokens=32)
-    processor = build_processor(config, tokenizer, num_frames=TINY_NUM_FRAMES)
+    processor = build_processor(config, tokenizer, num_frames=num_frames)
     card = storm_model_card(
         model,
         processor,
         repo_id=output_dir.name,
-        summary="**The weights of this checkpoint are random.** It is a tiny STORM (about 20 M parameters) with the "
-        "real Qwen2 tokenizer that exercises the whole pipeline; its answers are noise.",
-        provenance=f"Built by `storm build-tiny-random` (`conversion/tiny.py`) from a config, torch seed {seed}. "
-        "The tokenizer is Qwen2's BPE vocabulary from the `ggml-vocab-qwen2.gguf` that llama-cpp-python ships, plus "
-        "the `<|image_pad|>` / `<|video_pad|>` placeholders.",
+        summary=summary,
+        provenance=f"Built by {origin} from a config, torch seed {seed}. The tokenizer is Qwen2's BPE vocabulary "
+        "from the `ggml-vocab-qwen2.gguf` that llama-cpp-python ships, plus the `<|image_pad|>` / `<|video_pad|>` "
+        "placeholders.",
         limits="Random weights: it understands nothing. Use it to test installation, input handling and speed only.",
         extra_tags=("random-weights",),
     )

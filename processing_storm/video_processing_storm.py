@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import VideosKwargs
 from transformers.video_processing_utils import BaseVideoProcessor
@@ -117,10 +118,16 @@ def _index_frames(container, stream, name: str) -> tuple[list[int], list[int]]:
     return pts, sorted(keyframes) or [pts[0]]
 
 
-def _decode_frames(container, stream, wanted: list[int], keyframes: list[int], name: str, convert) -> dict[int, np.ndarray]:
+def _decode_frames(container, stream, wanted: list[int], keyframes: list[int], name: str, scale: dict) -> dict[int, np.ndarray]:
     """Decode the frames with presentation timestamps `wanted` (sorted), seeking to the keyframe before a target
-    whenever that keyframe lies beyond the current decoding position. Returns {pts: convert(frame)}."""
+    whenever that keyframe lies beyond the current decoding position. Returns {pts: RGB uint8 array (H, W, 3)}, scaled
+    with `scale` (`VideoReformatter.reformat` arguments)."""
     frames: dict[int, np.ndarray] = {}
+    reformatter = VideoReformatter()  # keeps its swscale context from frame to frame
+
+    def convert(frame) -> np.ndarray:
+        return reformatter.reformat(frame, format="rgb24", **scale).to_ndarray()
+
     next_idx, position = 0, None
 
     def keyframe_before(pts):
@@ -197,14 +204,11 @@ def read_video_pyav(
     name = _describe(source)
     data = _load_source(source)
     scale = {} if size is None else {"height": size[0], "width": size[1], "interpolation": "BICUBIC"}
-
-    def convert(frame):
-        return frame.to_ndarray(format="rgb24", **scale)
-
     with _open_container(data, name) as container:
         if not container.streams.video:
             raise ValueError(f"{name} contains no video stream (audio-only or not a video file).")
         stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
         pts, keyframes = _index_frames(container, stream, name)
         time_base = float(stream.time_base)
         frame_timestamps = [(p - pts[0]) * time_base for p in pts]
@@ -221,18 +225,21 @@ def read_video_pyav(
             frame_timestamps=frame_timestamps,
             keyframe_indices=[i for i, p in enumerate(pts) if p in keyframe_set],
         )
-    indices = np.arange(len(pts)) if sample_indices_fn is None else np.asarray(sample_indices_fn(metadata=metadata))
-    wanted = sorted({pts[i] for i in indices})
+        indices = np.arange(len(pts)) if sample_indices_fn is None else np.asarray(sample_indices_fn(metadata=metadata))
+        wanted = sorted({pts[i] for i in indices})
+        parts = _split_by_keyframe(wanted, keyframes, DECODE_THREADS)
+        if len(parts) == 1:  # one stretch: decode it in this container
+            decoded = _decode_frames(container, stream, wanted, keyframes, name, scale)
 
     def decode(part: list[int]) -> dict[int, np.ndarray]:
         with _open_container(data, name) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            return _decode_frames(container, stream, part, keyframes, name, convert)
+            return _decode_frames(container, stream, part, keyframes, name, scale)
 
-    parts = _split_by_keyframe(wanted, keyframes, DECODE_THREADS)
-    with ThreadPoolExecutor(len(parts)) as pool:  # PyAV releases the GIL while decoding
-        decoded = {pts: frame for part in pool.map(decode, parts) for pts, frame in part.items()}
+    if len(parts) > 1:
+        with ThreadPoolExecutor(len(parts)) as pool:  # PyAV releases the GIL while decoding
+            decoded = {pts: frame for part in pool.map(decode, parts) for pts, frame in part.items()}
     metadata.frames_indices = indices.tolist()
     return np.stack([decoded[pts[i]] for i in indices]), metadata
 
