@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +47,7 @@ CONFIGS = {
     "bi-k1": {"layers": 2, "bidirectional": True, "k": 1},
 }
 DATA_SIZES = {"train": 6000, "validation": 300, "test": 600}
+LOAD_LOCK = threading.Lock()  # transformers' model building/loading is not safe from several threads at once
 HIDDEN = 48  # LLM and temporal-encoder width: the 152k-row Qwen2 embedding dominates the size (≈ 31 MB in float32)
 
 
@@ -105,10 +107,10 @@ def build_initial(output_dir: Path, tokenizer_dir: Path, name: str, seed: int) -
     )
 
 
-def train(name: str, seed: int, output: Path, data: Path, tokenizer_dir: Path, steps: dict, workers: int, log) -> Path:
-    """Stage 1 (alignment) then SFT with `python -m training.sft`; returns the SFT output folder."""
+def train(name: str, seed: int, output: Path, data: Path, steps: dict, workers: int, log) -> Path:
+    """Stage 1 (alignment) then SFT with `python -m training.sft` from `<run>/init`; returns the SFT output folder."""
     run = output / "runs" / f"{name}-seed{seed}"
-    previous = build_initial(run / "init", tokenizer_dir, name, seed)
+    previous = run / "init"
     for stage in ("alignment", "sft"):
         out = run / stage
         command = [
@@ -141,8 +143,9 @@ def evaluate(model_dir: Path, data: Path, split: str = "test", temporal_sample_r
     import processing_storm  # noqa: F401
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    with LOAD_LOCK:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        processor = AutoProcessor.from_pretrained(model_dir)
     model.config.temporal_sample_rate = processor.temporal_sample_rate = temporal_sample_rate
     rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()][:limit]
     correct: dict[str, list[bool]] = {}
@@ -256,7 +259,7 @@ def export(run_dir: Path, data: Path, results: dict, name: str, seed: int, outpu
         provenance=(
             f"Trained with `{command}` (training/miniature.py): a random STORM with the real Qwen2 tokenizer, stage 1 "
             f"(alignment: projector and temporal encoder only, {results['args']['alignment_steps']} steps) then SFT "
-            f"(everything, {results['args']['sft_steps']} steps), batch 32, on {results['args']['train_size']} "
+            f"(everything, {results['args']['sft_steps']} steps), batch 16, on {results['args']['train_size']} "
             f"synthetic 8-frame 64×64 clips (data seed {results['args']['data_seed']}). See docs/miniature.md."
         ),
         limits=(
@@ -280,14 +283,12 @@ def main(argv=None):
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=DATA_SIZES["train"])
     parser.add_argument("--test-size", type=int, default=DATA_SIZES["test"])
-    parser.add_argument("--alignment-steps", type=int, default=100)
-    parser.add_argument("--sft-steps", type=int, default=800)
+    parser.add_argument("--alignment-steps", type=int, default=150)
+    parser.add_argument("--sft-steps", type=int, default=1400)
     parser.add_argument("--parallel", type=int, default=4, help="training runs at once")
     parser.add_argument("--deadline-minutes", type=float, help="start no training run after this many minutes")
     parser.add_argument("--export", nargs=3, metavar=("CONFIG", "SEED", "DIR"), help="write that run as a checkpoint")
     args = parser.parse_args(argv)
-
-    import threading
 
     from transformers import AutoTokenizer
 
@@ -322,17 +323,24 @@ def main(argv=None):
             results["skipped"].append(f"{name}-seed{seed}")
             return
         try:
-            folder = train(name, seed, output, data, tokenizer_dir, steps, workers, log)
+            with LOAD_LOCK:
+                build_initial(output / "runs" / f"{name}-seed{seed}" / "init", tokenizer_dir, name, seed)
+            folder = train(name, seed, output, data, steps, workers, log)
         except RuntimeError as error:  # one failed run does not stop the others
             log(str(error))
             results["failed"].append(f"{name}-seed{seed}")
             return
         for s in (1, 2) if name.startswith("bi-") and CONFIGS[name]["k"] > 1 else (1,):
             evaluation = evaluate(folder, data, temporal_sample_rate=s)
-            log(f"{name} seed {seed} s={s}: accuracy {evaluation['accuracy']:.3f}, temporal {evaluation['temporal']:.3f}")
             with lock:
                 results["evaluations"].setdefault(f"{name}@s{s}", []).append({"seed": seed, **evaluation})
                 (output / "results.json").write_text(json.dumps(results, indent=1))
+            log(f"{name} seed {seed} s={s}: accuracy {evaluation['accuracy']:.3f}, temporal {evaluation['temporal']:.3f}")
+        if args.export and (args.export[0], int(args.export[1])) == (name, seed):
+            command = "python -m training.miniature " + " ".join(sys.argv[1:] if argv is None else argv)
+            with LOAD_LOCK:
+                export(folder, data, results, name, seed, Path(args.export[2]), command)
+            log(f"exported {name} seed {seed} to {args.export[2]}")
 
     jobs = [(name, seed) for seed in args.seeds for name in args.configs]
     with ThreadPoolExecutor(args.parallel) as pool:
@@ -340,15 +348,6 @@ def main(argv=None):
     (output / "results.json").write_text(json.dumps(results, indent=1))
     (output / "results.md").write_text(table(results) + "\n")
     print(table(results))
-    if args.export:
-        name, seed, folder = args.export[0], int(args.export[1]), Path(args.export[2])
-        run = output / "runs" / f"{name}-seed{seed}" / "sft"
-        if f"{name}-seed{seed}" in results["failed"] + results["skipped"]:
-            log(f"not exported: {name} seed {seed} did not train")
-        else:
-            command = "python -m training.miniature " + " ".join(sys.argv[1:] if argv is None else argv)
-            export(run, data, results, name, seed, folder, command)
-            log(f"exported {name} seed {seed} to {folder}")
     log("done")
 
 

@@ -11,8 +11,8 @@ that: every clip is `NUM_FRAMES` = 8 frames (so with temporal pooling k = 8 the 
 | `order` | yes | two shapes each appear for the same 2–3 frames, one after the other | "Which appears first, the red circle or the blue square?" → `circle` | both, equally faint |
 | `count` | yes | a shape is visible on 4 of the 8 frames, in 1, 2 or 3 separate runs | "How many times does the green triangle appear?" → `2` | the same half-visible shape for every count |
 | `change` | yes | a shape changes colour half-way | "What colour does the square turn into?" → `yellow` | the same blend for X→Y and Y→X |
-| `color` | no | a still shape (and a distractor) | "What colour is the triangle?" → `blue` | the answer |
-| `shape` | no | a still shape (and a distractor) | "What shape is the green object?" → `square` | the answer |
+| `color` | no | a still shape | "What colour is the triangle?" → `blue` | the answer |
+| `shape` | no | a still shape | "What shape is the green object?" → `square` | the answer |
 
 Rows are in the conversational format of `training.data` (`messages` with a `{"type": "video", "path": ...}` part,
 paths relative to the data folder), plus `question_type` and `temporal` columns. Everything is drawn from one seeded
@@ -139,10 +139,7 @@ def make_clip(question_type: str, rng: np.random.Generator) -> tuple[np.ndarray,
         scene.draw(shape, color, where, range(0, NUM_FRAMES // 2))
         scene.draw(shape, other_color, where, range(NUM_FRAMES // 2, NUM_FRAMES))
         return scene.frames, f"What colour does the {shape} turn into?", other_color
-    a = _place(rng)
-    scene.draw(shape, color, a)
-    if rng.random() < 0.5:  # a still distractor of another colour and shape
-        scene.draw(other_shape, other_color, _place(rng, [a]))
+    scene.draw(shape, color, _place(rng))
     if question_type == "color":
         return scene.frames, f"What colour is the {shape}?", color
     return scene.frames, f"What shape is the {color} object?", shape
