@@ -143,11 +143,24 @@ class StormTemporalEncoder(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        super()._init_weights(module)  # Linear: normal(initializer_range); LayerNorm: ones/zeros
+        """mamba_ssm's initialisation (`Mamba.__init__` and `MixerModel`'s `_init_weights`), not transformers' 0.02-std
+        normal: `in_proj`, `x_proj` keep `nn.Linear`'s default U(±1/√fan_in), `out_proj` the same divided by √L
+        (`rescale_prenorm_residual`), plus the SSM init of `_init_ssm`. The default scales with the width; a fixed
+        0.02 std would make a narrow mixer's output ~400× smaller than its residual stream (at width 48), so that
+        a temporal encoder trained from scratch barely learns."""
+        super()._init_weights(module)  # LayerNorm: ones/zeros
         if isinstance(module, StormMambaMixer):
-            init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+            for linear in (module.in_proj, *(x_proj for _, x_proj, *_ in module.directions())):
+                _init_uniform(linear, scale=1.0)
+            _init_uniform(module.out_proj, scale=self.config.num_hidden_layers**-0.5)
             for conv1d, _, dt_proj, A_log, D in module.directions():
                 _init_ssm(conv1d, dt_proj, A_log, D, self.config.dt_rank)
+
+
+def _init_uniform(linear: nn.Linear, scale: float) -> None:
+    """`nn.Linear`'s default weight init (kaiming-uniform with a = √5, i.e. U(±1/√fan_in)) times `scale`."""
+    bound = scale / math.sqrt(linear.in_features)
+    init.uniform_(linear.weight, -bound, bound)
 
 
 def _init_ssm(conv1d, dt_proj, A_log, D, dt_rank):
