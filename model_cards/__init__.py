@@ -27,13 +27,15 @@ def storm_model_card(
     datasets: list[str] | None = None,
     remote_code: bool = False,
     extra_tags: tuple[str, ...] = (),
+    example: tuple[str, str] = ("clip.mp4", "What happens in this video?"),
 ) -> ModelCard:
     """Render the STORM card for `model` (a `StormForConditionalGeneration`) and its `StormProcessor`.
 
     `summary`, `provenance` and `limits` are Markdown paragraphs; `base_model`/`base_model_relation` describe where
     the weights came from (Hub ids, relation one of adapter | merge | quantized | finetune). `remote_code`: the
     folder carries its code (`trust_remote_code=True` usage, "custom_code" tag). Tags get "video", "mamba", "storm"
-    and `extra_tags` (e.g. "random-weights", which `storm generate` warns about).
+    and `extra_tags` (e.g. "random-weights", which `storm generate` warns about). `example`: the (video path,
+    question) of the usage snippet.
     """
     config = model.config
     num_frames = processor.video_processor.num_frames
@@ -71,6 +73,8 @@ def storm_model_card(
         provenance=provenance,
         limits=limits,
         num_frames=num_frames,
+        example_video=example[0],
+        example_prompt=example[1],
         image_size=config.vision_config.image_size,
         patch_size=config.vision_config.patch_size,
         downsample_factor=config.downsample_factor,
