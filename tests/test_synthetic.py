@@ -1,0 +1,105 @@
+"""The synthetic video QA generator (training/synthetic.py): answers follow from the frames, clips are real H.264."""
+
+import json
+
+import numpy as np
+import pytest
+
+from processing_storm import read_video_pyav
+from training.data import check_conversation
+from training.synthetic import (
+    COLORS,
+    NUM_FRAMES,
+    QUESTION_TYPES,
+    SIZE,
+    TEMPORAL_TYPES,
+    generate_dataset,
+    make_clip,
+    runs_pattern,
+)
+
+
+def clips(question_type: str, count: int = 40):
+    for index in range(count):
+        yield make_clip(question_type, np.random.default_rng([7, index]))
+
+
+def colour_mask(frame: np.ndarray, colour: str) -> np.ndarray:
+    return np.all(frame == np.array(COLORS[colour], dtype=np.uint8), axis=-1)
+
+
+def named_colour(question: str) -> str:
+    return next(colour for colour in COLORS if f" {colour} " in question)
+
+
+def test_direction_answer_is_the_way_the_shape_moves():
+    for frames, question, answer in clips("direction"):
+        mask = colour_mask(frames, named_colour(question))  # (T, H, W)
+        ys, xs = zip(*(np.argwhere(m).mean(0) for m in mask))
+        dx, dy = xs[-1] - xs[0], ys[-1] - ys[0]
+        moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        assert moved == answer
+        assert max(abs(dx), abs(dy)) > 25  # pixels over the 8 frames: a clear motion
+
+
+def test_count_answer_is_the_number_of_separate_appearances():
+    for frames, question, answer in clips("count"):
+        visible = colour_mask(frames, named_colour(question)).any(axis=(1, 2)).astype(int)
+        assert visible.sum() == NUM_FRAMES // 2  # the same number of visible frames for every count
+        assert int(visible[0]) + int((np.diff(visible) == 1).sum()) == int(answer)
+
+
+def test_runs_pattern_has_the_requested_runs():
+    rng = np.random.default_rng(0)
+    for runs in (1, 2, 3):
+        frames = runs_pattern(rng, runs)
+        assert len(frames) == 4 and sum(1 for i, f in enumerate(frames) if i == 0 or f != frames[i - 1] + 1) == runs
+
+
+def test_order_answer_is_the_shape_seen_first():
+    for frames, question, answer in clips("order"):
+        first_seen = {}
+        for colour in COLORS:
+            if f" {colour} " in question:
+                shape = question.split(f" {colour} ")[1].split()[0].strip("?")
+                first_seen[shape] = int(np.argmax(colour_mask(frames, colour).any(axis=(1, 2))))
+        assert len(first_seen) == 2 and min(first_seen, key=first_seen.get) == answer
+        assert len(set(first_seen.values())) == 2  # never at the same time
+
+
+def test_change_answer_is_the_colour_of_the_second_half():
+    for frames, question, answer in clips("change"):
+        half = NUM_FRAMES // 2
+        assert colour_mask(frames[half:], answer).any(axis=(1, 2)).all()
+        assert not colour_mask(frames[:half], answer).any()
+
+
+def test_temporal_events_average_away_inside_one_window():
+    """At k = 8 the whole clip is one pooling window: X→Y and Y→X colour changes have the same average frame."""
+    frames, _, _ = make_clip("change", np.random.default_rng([3, 0]))
+    assert frames.shape == (NUM_FRAMES, SIZE, SIZE, 3)
+    swapped = np.concatenate([frames[NUM_FRAMES // 2 :], frames[: NUM_FRAMES // 2]])
+    np.testing.assert_array_equal(frames.mean(0), swapped.mean(0))
+
+
+def test_dataset_is_seeded_real_h264_and_in_the_training_format(tmp_path):
+    sizes = {"train": 12, "test": 12}
+    files = generate_dataset(tmp_path / "a", sizes, seed=5)
+    again = generate_dataset(tmp_path / "b", {"test": 12}, seed=5, workers=2)  # the result does not depend on workers
+    assert files["test"].read_text() == again["test"].read_text()
+    rows = {split: [json.loads(line) for line in files[split].read_text().splitlines()] for split in sizes}
+    assert {len(r) for r in rows.values()} == {12}
+    for row in rows["test"]:
+        check_conversation(row["messages"])
+        assert row["question_type"] in QUESTION_TYPES and row["temporal"] == (row["question_type"] in TEMPORAL_TYPES)
+    relative = rows["test"][0]["messages"][0]["content"][0]["path"]
+    frames, metadata = read_video_pyav(str(tmp_path / "a" / relative))  # every frame
+    assert tuple(frames.shape) == (NUM_FRAMES, SIZE, SIZE, 3) and metadata.total_num_frames == NUM_FRAMES
+    np.testing.assert_array_equal(frames, read_video_pyav(str(tmp_path / "b" / relative))[0])
+    train_frames, _ = read_video_pyav(str(tmp_path / "a" / rows["train"][0]["messages"][0]["content"][0]["path"]))
+    assert not np.array_equal(frames, train_frames)  # clip 0 of each split comes from a different seed
+
+
+def test_unknown_split_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Unknown split 'dev'"):
+        generate_dataset(tmp_path, {"dev": 1})
