@@ -1,6 +1,7 @@
 """The `storm` command.
 
     storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F] [--max-new-tokens M]
+                   (default model: the miniature STORM trained on synthetic clips, checkpoints/storm-tiny-synthetic)
     storm fetch-assets [--output assets] [--with-llm]          (conversion/cli.py)
     storm build-tiny-random [--output assets/storm-tiny-random]
     storm train --config training/configs/sft_lora.yaml [--flag value …]      (training/cli.py)
@@ -16,7 +17,8 @@ from pathlib import Path
 import conversion.cli
 import training.cli
 
-DEFAULT_MODEL = conversion.cli.DEFAULT_TINY
+# The miniature STORM that ships in the repository (docs/miniature.md); found from an editable install or a clone.
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "checkpoints" / "storm-tiny-synthetic")
 
 
 def generate(args) -> str:
@@ -29,7 +31,12 @@ def generate(args) -> str:
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").exists():
-        hint = " Run `storm fetch-assets && storm build-tiny-random` first." if args.model == DEFAULT_MODEL else ""
+        hint = (
+            " The default checkpoint ships in the repository's checkpoints/ folder: install from a clone "
+            "(`pip install -e .`) or pass --model."
+            if args.model == DEFAULT_MODEL
+            else ""
+        )
         raise SystemExit(f"No STORM checkpoint in {model_dir} (no config.json).{hint}")
     card = model_dir / "README.md"
     if card.exists() and "random-weights" in (ModelCard.load(card).data.tags or []):

@@ -1,0 +1,53 @@
+"""The miniature STORM that ships in checkpoints/ (docs/miniature.md): it loads, answers held-out clips on CPU, and is
+the default of `storm generate` (README command 1)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from modeling_storm.cli import DEFAULT_MODEL, main
+from training.miniature import evaluate
+from training.synthetic import generate_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "checkpoints" / "storm-tiny-synthetic"
+# Question types it learned (100% on the 600 test clips); on the others it is near chance (its card and
+# docs/miniature.md give the figures).
+LEARNED = ("color", "change")
+
+
+def test_it_is_the_default_of_storm_generate_and_within_the_size_budget():
+    assert Path(DEFAULT_MODEL) == CHECKPOINT
+    assert (CHECKPOINT / "model.safetensors").stat().st_size <= 40 * 2**20
+    card = ModelCard.load(CHECKPOINT / "README.md")
+    assert "synthetic-data" in card.data.tags and "random-weights" not in card.data.tags
+    assert "It knows only its synthetic world" in card.text
+    assert "examples/square_turns_green.mp4" in card.text  # the usage snippet runs as written from the repo root
+
+
+def test_readme_command_answers_the_example_clip(capsys):
+    code = main(["generate", "--video", str(REPO / "examples" / "square_turns_green.mp4"),
+                 "--prompt", "What colour does the square turn into?", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "random (untrained) weights" not in out
+    assert "visual tokens sent to the LLM: 32 (k=4" in out
+    assert out.strip().endswith("answer: green")
+
+
+@pytest.fixture(scope="module")
+def held_out_clips(tmp_path_factory):
+    """The first 60 clips of the held-out test split (data seed 0), regenerated: rows depend on (seed, index) only."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(folder, {"test": 60}, seed=0)
+    return folder
+
+
+def test_it_answers_held_out_clips_of_the_types_it_learned(held_out_clips):
+    scores = evaluate(CHECKPOINT, held_out_clips, device="cpu")
+    assert scores["questions"] == 60
+    for kind in LEARNED:
+        assert scores["by type"][kind] == 1.0, (kind, scores)
+    rows = [json.loads(line) for line in (held_out_clips / "test.jsonl").read_text().splitlines()]
+    assert sum(row["question_type"] in LEARNED for row in rows) >= 15  # the check covers a fair number of clips
