@@ -8,6 +8,7 @@ Shape legend: B batch (videos or images), T frames, P vision patches per frame, 
 token grid after the downsample, N = g² tokens per frame, D LLM width, k/p/s temporal pool / spatial pool / sample sizes.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -16,38 +17,63 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_storm import StormConfig
 from .temporal_encoder import StormTemporalEncoder
 
+try:  # transformers >= 5.24: the multimodal outputs (with `image_outputs` / `video_outputs`) and the name `cache`
+    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as _ModelOutputWithPast
+    from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as _CausalLMOutputWithPast
+except ImportError:  # transformers 5.17-5.23
+    from transformers.modeling_outputs import BaseModelOutputWithPast as _ModelOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast as _CausalLMOutputWithPast
+
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, as a forward keyword and as an output field
+# (the old name still works there, with a deprecation warning). STORM passes and returns the cache under the name the
+# installed transformers uses, so it warns about nothing on 5.24 and still works on 5.17-5.23.
+CACHE_NAME = "cache" if "cache" in _CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def accepts_legacy_cache_name(forward):
+    """Let `forward(..., cache=...)` also be called with `past_key_values=...`: deprecated from transformers 5.24 on
+    (with transformers' own `deprecate_kwarg`, as its VLMs do), the name older `generate` passes before that."""
+    if CACHE_NAME == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return forward(*args, **kwargs)
+
+    return wrapper
+
 
 @dataclass
-class StormModelOutputWithPast(BaseModelOutputWithPast):
-    """`BaseModelOutputWithPast` plus the visual features that replaced the placeholders.
+class StormModelOutputWithPast(_ModelOutputWithPast):
+    """The LLM's `last_hidden_state`, KV cache (`cache`; `past_key_values` before transformers 5.24), `hidden_states`
+    and `attentions`, plus the outputs of the visual encoders (as transformers' multimodal outputs of 5.24):
 
-    image_hidden_states (`torch.Tensor` of shape `(num_image_tokens, hidden_size)`, *optional*)
-    video_hidden_states (`torch.Tensor` of shape `(num_video_tokens, hidden_size)`, *optional*)
+    image_outputs (`BaseModelOutputWithPooling`, *optional*): `get_image_features` of the images of the input;
+        `pooler_output` of shape `(num_images, tokens_per_image, hidden_size)`.
+    video_outputs (`BaseModelOutputWithPooling`, *optional*): `get_video_features` of the videos of the input;
+        `pooler_output` of shape `(num_videos, tokens_per_video, hidden_size)`.
     """
 
-    image_hidden_states: torch.Tensor | None = None
-    video_hidden_states: torch.Tensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None  # declared by transformers >= 5.24 too
+    video_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
-class StormCausalLMOutputWithPast(ModelOutput):
-    """Causal LM output: `loss` (when `labels` are given), `logits` `(batch_size, sequence_length, vocab_size)`, the
-    LLM's `past_key_values` / `hidden_states` / `attentions`, and the visual features as in `StormModelOutputWithPast`.
-    """
+class StormCausalLMOutputWithPast(_CausalLMOutputWithPast):
+    """`loss` (when `labels` are given), `logits` `(batch_size, sequence_length, vocab_size)`, the LLM's KV cache,
+    `hidden_states` and `attentions`, and `image_outputs` / `video_outputs` as in `StormModelOutputWithPast`."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    image_hidden_states: torch.Tensor | None = None
-    video_hidden_states: torch.Tensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+    video_outputs: BaseModelOutputWithPooling | None = None
 
 
 def space_to_channel(features: torch.Tensor, factor: int) -> torch.Tensor:
@@ -119,7 +145,7 @@ class StormPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "video", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -250,6 +276,7 @@ class StormModel(StormPreTrainedModel):
         )
 
     @can_return_tuple
+    @accepts_legacy_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -257,7 +284,7 @@ class StormModel(StormPreTrainedModel):
         pixel_values_videos: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -268,7 +295,9 @@ class StormModel(StormPreTrainedModel):
                 Token ids with each image/video placeholder expanded to its visual token count (StormProcessor).
             pixel_values (`torch.Tensor` of shape `(num_images, 3, height, width)`, *optional*)
             pixel_values_videos (`torch.Tensor` of shape `(num_videos, num_frames, 3, height, width)`, *optional*)
-            attention_mask, position_ids, past_key_values, inputs_embeds, use_cache: as for the LLM.
+            attention_mask, position_ids, inputs_embeds, use_cache: as for the LLM.
+            cache (`Cache`, *optional*): the LLM's KV cache (`past_key_values` before transformers 5.24, still
+                accepted).
 
         Raises:
             ValueError: placeholder tokens and visual features disagree in number; the prompt exceeds the LLM context.
@@ -278,17 +307,19 @@ class StormModel(StormPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        image_features = video_features = None
+        image_outputs = video_outputs = None
         if pixel_values is not None or pixel_values_videos is not None:
             num_videos = 0 if pixel_values_videos is None else pixel_values_videos.shape[0]
             self._check_context_length(input_ids, inputs_embeds, num_videos)
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values).pooler_output.flatten(0, 1)  # (I·N', D)
+            image_outputs = self.get_image_features(pixel_values)
+            image_features = image_outputs.pooler_output.flatten(0, 1)  # (I·N', D)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.image_token_id)
             describe = f"{pixel_values.shape[0]} images × {self.config.num_image_tokens()} tokens"
             inputs_embeds = self._scatter_features(inputs_embeds, mask, image_features, "image", describe)
         if pixel_values_videos is not None:
-            video_features = self.get_video_features(pixel_values_videos).pooler_output  # (V, tokens per video, D)
+            video_outputs = self.get_video_features(pixel_values_videos)
+            video_features = video_outputs.pooler_output  # (V, tokens per video, D)
             batch, frames = pixel_values_videos.shape[:2]
             describe = (
                 f"{batch} videos × {video_features.shape[1]} tokens: {frames} frames, "
@@ -296,25 +327,24 @@ class StormModel(StormPreTrainedModel):
                 f"temporal_sample_rate={self.config.temporal_sample_rate}"
                 + (" (not applied in training mode)" if self.training else "")
             )
-            video_features = video_features.flatten(0, 1)  # (V·tokens, D)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.video_token_id)
-            inputs_embeds = self._scatter_features(inputs_embeds, mask, video_features, "video", describe)
+            inputs_embeds = self._scatter_features(inputs_embeds, mask, video_features.flatten(0, 1), "video", describe)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
         return StormModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
-            video_hidden_states=video_features,
+            image_outputs=image_outputs,
+            video_outputs=video_outputs,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
 
@@ -361,6 +391,7 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         return self.model.get_image_features(pixel_values, **kwargs)
 
     @can_return_tuple
+    @accepts_legacy_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -368,7 +399,7 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         pixel_values_videos: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -388,7 +419,7 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
             pixel_values_videos=pixel_values_videos,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -405,11 +436,11 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         return StormCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            video_hidden_states=outputs.video_hidden_states,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
 

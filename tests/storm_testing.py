@@ -47,3 +47,10 @@ def video_inputs(config: StormConfig, num_frames=4, batch_size=1, prefix=(1, 2, 
     tokens = config.num_video_tokens(num_frames, training=training)
     row = [*prefix, *([config.video_token_id] * tokens), *suffix]
     return {"input_ids": torch.tensor([row] * batch_size), "pixel_values_videos": pixels}
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing: `activation_checkpointing_enable` from transformers 5.24 on, where
+    `gradient_checkpointing_enable` became its deprecated alias."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from storm_testing import tiny_config
+from storm_testing import enable_checkpointing, tiny_config
 
 from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig
 from modeling_storm.temporal_encoder import StormMambaMixer
@@ -114,7 +114,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(bidirectional):
     model(x).pow(2).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     assert all(layer.gradient_checkpointing for layer in model.layers)
     model(x).pow(2).sum().backward()
     for name, p in model.named_parameters():
