@@ -42,9 +42,13 @@ def resolve_source(name_or_path: str | Path, what: str) -> tuple[Path, str | Non
         return path, None
     text = str(name_or_path)
     if path.exists():
-        raise FileNotFoundError(
-            f"The {what} {text} is a file; pass the folder that holds config.json and the weights."
+        hint = (
+            f" It is a GGUF file: dequantise it into a folder first, `storm convert gguf --input {text} --output DIR`, "
+            "and pass DIR."
+            if path.suffix.lower() == ".gguf"
+            else " Pass the folder that holds config.json and the weights."
         )
+        raise FileNotFoundError(f"The {what} {text} is a file.{hint}")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         raise FileNotFoundError(f"The {what} folder {text} does not exist.")
     from huggingface_hub import snapshot_download
@@ -63,10 +67,13 @@ def _require_files(folder: Path, what: str) -> None:
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         missing.append("weights (*.safetensors or *.bin)")
     if missing:
-        raise FileNotFoundError(
-            f"The {what} folder {folder} has no {' and no '.join(missing)}. Save the model there "
-            "with save_pretrained, or point to the folder that has them."
+        gguf = sorted(folder.glob("*.gguf"))
+        hint = (
+            f" It holds a GGUF file: dequantise it with `storm convert gguf --input {gguf[0]} --output DIR` and pass DIR."
+            if gguf
+            else " Save the model there with save_pretrained, or point to the folder that has them."
         )
+        raise FileNotFoundError(f"The {what} folder {folder} has no {' and no '.join(missing)}.{hint}")
 
 
 @contextmanager

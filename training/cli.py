@@ -10,9 +10,9 @@ import argparse
 
 
 def train_command(args) -> None:
-    from .sft import main, make_parser
+    from .sft import main, parse_args
 
-    main(*make_parser(prog="storm train").parse_args_and_config(args.args))
+    main(*parse_args(args.args, prog="storm train"))
 
 
 def register(commands) -> None:
