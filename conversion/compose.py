@@ -36,6 +36,7 @@ import torch
 
 from model_cards import storm_model_card
 from modeling_storm import StormConfig, StormForConditionalGeneration, get_num_visual_tokens
+from modeling_storm.loading import loading_report_off
 
 from .checkpoint import (
     add_placeholder_tokens,
@@ -49,7 +50,6 @@ from .checkpoint import (
 from .sources import (
     load_llm,
     load_vision_tower,
-    loading_report_off,
     refuse_overwriting_sources,
     resolve_source,
     source_license,

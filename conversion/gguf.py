@@ -18,8 +18,9 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from modeling_storm.loading import loading_report_off
+
 from .checkpoint import prepare_output_dir, staging_folder
-from .sources import loading_report_off
 from .verification import VERIFY_CONVERSATION
 
 GGUF_MAGIC = b"GGUF"

@@ -11,15 +11,14 @@ that can fail before anything is written.
 
 import json
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.utils import logging
 
+from modeling_storm.loading import loading_report_off
 from processing_storm import StormVideoProcessor, default_chat_template
 
 from .verification import VERIFY_CONVERSATION
@@ -74,18 +73,6 @@ def _require_files(folder: Path, what: str) -> None:
             else " Save the model there with save_pretrained, or point to the folder that has them."
         )
         raise FileNotFoundError(f"The {what} folder {folder} has no {' and no '.join(missing)}.{hint}")
-
-
-@contextmanager
-def loading_report_off():
-    """Silence transformers' table of missing/unexpected keys: `_check_loading` and `assemble` check every key and
-    report (or refuse) them in the conversion's own terms."""
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
 
 
 def _check_loading(info: dict, source: Path, not_used: str | None = None) -> list[str]:

@@ -12,6 +12,7 @@
 | STORM settings that `StormConfig` refuses | `ValueError` / `TypeError` with the field, the value and the fix |
 | pickle weights only (`pytorch_model.bin`, `*.pt`, …) | `ValueError`: never unpickled (loading pickle can run code) |
 | no weights, a shard the index names missing, a truncated or corrupt safetensors file | `FileNotFoundError` / `ValueError` naming the file |
+| weights that do not fit the config (missing, unexpected or mis-shaped keys) | `ValueError` listing them (transformers would initialise missing ones at random and only log it) |
 | no processor files (`processor_config.json`, tokenizer) | `FileNotFoundError` saying where they come from |
 
 Weights are read only from safetensors (`from_pretrained(..., use_safetensors=True)`). Errors transformers raises
@@ -21,6 +22,7 @@ while loading are re-raised as `ValueError` / `OSError` that name the folder.
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 CONFIG = "config.json"
@@ -30,6 +32,21 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+LOADING_PROBLEMS = {"missing": "missing_keys", "unexpected": "unexpected_keys", "mis-shaped": "mismatched_keys"}
+
+
+@contextmanager
+def loading_report_off():
+    """Silence transformers' table of missing/unexpected keys (and other loading warnings) while the caller checks
+    every key itself and reports (or refuses) them in its own terms."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def check_checkpoint(path: str | os.PathLike) -> Path:
@@ -84,7 +101,6 @@ def load_storm(path: str | os.PathLike, *, dtype="auto", device=None, attn_imple
         Everything `check_checkpoint` raises; ValueError: an unknown `dtype` or `device`, a device that is not
         available, or an error of transformers while loading (re-raised with the folder).
     """
-    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import processing_storm  # noqa: F401  (registers STORM with the Auto classes; imports modeling_storm)
@@ -97,11 +113,23 @@ def load_storm(path: str | os.PathLike, *, dtype="auto", device=None, attn_imple
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ValueError(f"Could not load the processor in {folder}: {error}") from error
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            folder, dtype=dtype, use_safetensors=True, attn_implementation=attn_implementation
-        )
+        with loading_report_off():  # a key that does not fit is our error below, not transformers' warning table
+            model, info = AutoModelForImageTextToText.from_pretrained(
+                folder,
+                dtype=dtype,
+                use_safetensors=True,
+                attn_implementation=attn_implementation,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # mis-shaped keys: listed by our error below
+            )
     except (OSError, ValueError, TypeError, RuntimeError, KeyError) as error:
         raise ValueError(f"Could not load the STORM weights in {folder}: {error}") from error
+    problems = {kind: sorted(map(_key_text, info[key])) for kind, key in LOADING_PROBLEMS.items() if info.get(key)}
+    if problems:  # transformers would initialise missing weights at random and only log it
+        listed = "; ".join(f"{kind}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}" for kind, keys in problems.items())
+        raise ValueError(
+            f"The weights in {folder} do not match its config.json ({listed}). Re-download or re-save the checkpoint."
+        )
     if device is not None:
         model = model.to(device)
     return model.eval(), processor
@@ -151,6 +179,14 @@ def check_device(device):
     return device
 
 
+def _key_text(entry) -> str:
+    """A missing/unexpected key, or a mis-shaped one with its shapes `(key, in the file, from the config)`."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        key, stored, expected = entry
+        return f"{key} {tuple(stored)} in the file, {tuple(expected)} from the config"
+    return str(entry)
+
+
 def _local_folder(path) -> Path:
     folder = Path(path)
     if folder.is_dir():
@@ -198,15 +234,16 @@ def _read_json(path: Path):
 
 
 def _check_config(folder: Path) -> None:
-    from huggingface_hub.errors import StrictDataclassFieldValidationError
+    from huggingface_hub.errors import StrictDataclassError
 
     from .configuration_storm import StormConfig
 
     try:
         StormConfig.from_pretrained(folder)
-    except StrictDataclassFieldValidationError as error:  # a field of the wrong type
+    except StrictDataclassError as error:  # @strict: a field of the wrong type, or fields that disagree
         cause = error.__cause__ or error
-        raise TypeError(f"{folder / CONFIG}: {cause}. Fix the value in the file.") from None
+        kind = TypeError if isinstance(cause, TypeError) else ValueError
+        raise kind(f"{folder / CONFIG}: {cause}. Fix the value in the file.") from None
     except (ValueError, TypeError) as error:
         raise type(error)(f"{folder / CONFIG}: {error}") from None
 
@@ -258,4 +295,4 @@ def _check_processor_files(folder: Path) -> None:
         )
 
 
-__all__ = ["check_checkpoint", "check_device", "check_dtype", "load_storm"]
+__all__ = ["check_checkpoint", "check_device", "check_dtype", "load_storm", "loading_report_off"]

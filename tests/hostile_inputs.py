@@ -336,6 +336,13 @@ CASES += [
 # Checkpoint folders (Python: load_storm; the CLI: one line)
 
 
+def _text_config(folder, **fields):
+    """A checkpoint copy whose LLM config has `fields` replaced (the weights no longer fit)."""
+    text = json.loads((SHIPPED / "config.json").read_text())["text_config"]
+    text.pop("layer_types", None)  # one entry per layer: transformers derives it again
+    return edit_config(folder, text_config=text | fields)
+
+
 def _adapter(folder):
     adapter = folder / "my-lora"
     adapter.mkdir()
@@ -427,6 +434,15 @@ CHECKPOINTS = [
      ("config.json", "temporal_pool_size")),
     ("config.json without model_type", lambda folder: edit_config(folder, model_type=None), ("model_type",)),
     ("no processor files", _no_processor, ("processor_config.json", "tokenizer")),
+    ("config.json with one LLM layer more than the weights", lambda folder: _text_config(folder, num_hidden_layers=3),
+     ("do not match", "missing", "layers.2")),
+    ("config.json with one LLM layer less than the weights", lambda folder: _text_config(folder, num_hidden_layers=1),
+     ("do not match", "unexpected", "layers.1")),
+    ("config.json with another LLM MLP width", lambda folder: _text_config(folder, intermediate_size=100),
+     ("do not match", "mis-shaped", "mlp")),
+    ("config.json whose layer_types disagree with num_hidden_layers",
+     lambda folder: edit_config(folder, text_config=json.loads((SHIPPED / "config.json").read_text())["text_config"]
+                                | {"num_hidden_layers": 3}), ("config.json", "num_hidden_layers")),
     ("a shard the index names is missing", _missing_shard, ("model-00002-of-00002.safetensors",)),
     ("an empty folder", lambda folder: folder, ("config.json",)),
     ("a file instead of a folder", lambda folder: SHIPPED / "config.json", ("is a file",)),
