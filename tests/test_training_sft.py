@@ -276,3 +276,13 @@ def test_readme_notebook_recipe_trains_a_lora_adapter_that_merges(tiny_checkpoin
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "storm-my-videos")
     assert type(merged) is StormForConditionalGeneration
     assert AutoProcessor.from_pretrained(tmp_path / "storm-my-videos").video_processor.num_frames == 16
+
+
+def test_push_to_hub_without_a_reachable_hub_is_one_line(tiny_checkpoint, dataset, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # as HF_ENDPOINT=http://127.0.0.1:9
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    with pytest.raises(RuntimeError, match=r"^Could not reach the Hub repository me/storm-run before training \(") as error:
+        train(tiny_checkpoint, dataset, tmp_path / "run", push_to_hub=True, hub_model_id="me/storm-run")
+    assert "\n" not in str(error.value) and error.value.__cause__ is None

@@ -36,6 +36,7 @@ Resume an interrupted run with `--resume_from_checkpoint runs/sft/checkpoint-500
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .args import StormDataArguments, StormModelArguments, storm_sft_config
@@ -69,19 +70,21 @@ def main(data_args: StormDataArguments, model_args: StormModelArguments, trainin
     else:
         set_trainable_modules(model, model_args.trainable_modules)
 
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        data_collator=collator,
-        train_dataset=dataset,
-        processing_class=processor,
-        peft_config=peft_config,
-    )
+    with hub_errors_in_one_line(training_args, "before training"):  # push_to_hub: the repository is created here
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args,
+            data_collator=collator,
+            train_dataset=dataset,
+            processing_class=processor,
+            peft_config=peft_config,
+        )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     generation = trainer.model.generation_config
     if isinstance(generation.eos_token_id, list):  # transformers < 5.24 adds the tokenizer's EOS again on alignment
         generation.eos_token_id = list(dict.fromkeys(generation.eos_token_id))
-    trainer.save_model(training_args.output_dir)
+    with hub_errors_in_one_line(training_args, f"after training; the model is saved in {training_args.output_dir}"):
+        trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         card = training_model_card(trainer.model, processor, data_args, model_args, training_args, len(dataset))
         card.save(Path(training_args.output_dir) / "README.md")
@@ -89,6 +92,24 @@ def main(data_args: StormDataArguments, model_args: StormModelArguments, trainin
     skipped = int(trainer.accelerator.reduce(skipped, reduction="sum"))  # over all processes
     trainer.accelerator.print(f"Saved {training_args.output_dir}. Rows skipped for unreadable media: {skipped}.")
     return trainer
+
+
+@contextmanager
+def hub_errors_in_one_line(training_args, when: str):
+    """With `push_to_hub`, turn a network or Hub error (no connection, not logged in, no access) into one
+    `RuntimeError` line that says `when` it happened; any other error passes unchanged."""
+    try:
+        yield
+    except Exception as error:
+        hub_error = type(error).__module__.split(".")[0].startswith(("httpx", "httpcore", "huggingface_hub", "requests"))
+        if not training_args.push_to_hub or not hub_error:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        repo = training_args.hub_model_id or Path(training_args.output_dir).name
+        raise RuntimeError(
+            f"Could not reach the Hub repository {repo} {when} ({type(error).__name__}: {reason}). Check the "
+            "connection and `hf auth login`, or train without --push_to_hub and upload later with `hf upload`."
+        ) from None
 
 
 def load_model_and_processor(model_args: StormModelArguments, num_frames: int):
