@@ -223,6 +223,8 @@ class StormConfig(PreTrainedConfig):
                 f"`vision_config.image_size={vision.image_size}` is smaller than `vision_config.patch_size="
                 f"{vision.patch_size}`: a frame would have no patches. Use the vision tower's own config."
             )
+        for name in ("vision_feature_layer", "image_token_id", "video_token_id"):  # older @strict accepts bools
+            check_count(name, getattr(self, name), minimum=None)
         num_layers = self.vision_config.num_hidden_layers
         if not -(num_layers + 1) <= self.vision_feature_layer <= num_layers:  # hidden_states: embeddings + each layer
             raise ValueError(
@@ -271,17 +273,18 @@ class StormConfig(PreTrainedConfig):
         return get_num_visual_tokens(1, grid_size=self.token_grid_size, spatial_pool_size=self.spatial_pool_size)
 
 
-def check_count(name: str, value, minimum: int = 1, fix: str = "") -> None:
-    """Raise unless `value` is an integer (not a bool) of at least `minimum`; the message names `name`, the value and
-    `fix`.
+def check_count(name: str, value, minimum: int | None = 1, fix: str = "") -> None:
+    """Raise unless `value` is an integer (not a bool) of at least `minimum` (None: any integer); the message names
+    `name`, the value and `fix`.
 
     Raises:
         TypeError: not an integer (a float, a bool, a string, None). ValueError: below `minimum`.
     """
     fix = f" {fix}" if fix else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer >= {minimum}, got {value!r} ({type(value).__name__}).{fix}")
-    if value < minimum:
+        kind = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise TypeError(f"`{name}` must be {kind}, got {value!r} ({type(value).__name__}).{fix}")
+    if minimum is not None and value < minimum:
         raise ValueError(f"`{name}={value}` must be at least {minimum}.{fix}")
 
 
