@@ -161,6 +161,13 @@ class StormConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Tie `lm_head` to the LLM's input embeddings (taken from `text_config` when it ties).
 
+    Raises:
+        ValueError / TypeError (or huggingface_hub's `StrictDataclassFieldValidationError` for a value of the wrong
+        type, from `@strict`): a count, size or rate that is not an integer >= 1 (0 and negative values, floats, bools,
+        NaN), a `vision_feature_layer` outside the tower's hidden states, placeholder ids outside the vocabulary or
+        equal to each other, a sub-config `model_type` transformers does not know, a temporal encoder width other
+        than the LLM's. Each message names the field, the value and the fix.
+
     Example:
 
     ```python
