@@ -1,4 +1,4 @@
-"""`storm train`: the SFT recipe (`training/sft.py`) as a `storm` subcommand (registered by `modeling_storm.cli`).
+"""`storm train`: the SFT recipe (`training/sft.py`) as a `storm` subcommand (registered by `storm_cli`).
 
     storm train --config training/configs/sft_lora.yaml --model_name_or_path DIR --dataset_name FILE.jsonl \
         [--flag value …]
