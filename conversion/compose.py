@@ -36,11 +36,13 @@ import torch
 
 from model_cards import storm_model_card
 from modeling_storm import StormConfig, StormForConditionalGeneration, get_num_visual_tokens
+from modeling_storm.loading import loading_report_off
 
 from .checkpoint import (
     add_placeholder_tokens,
     build_processor,
     chat_generation_config,
+    check_repo_id,
     prepare_output_dir,
     push_to_hub,
     write_checkpoint,
@@ -48,7 +50,6 @@ from .checkpoint import (
 from .sources import (
     load_llm,
     load_vision_tower,
-    loading_report_off,
     refuse_overwriting_sources,
     resolve_source,
     source_license,
@@ -127,11 +128,9 @@ def check_frames(num_frames: int, temporal_pool_size: int) -> None:
     """Fail before any slow step on frame settings STORM would refuse later.
 
     Raises:
-        ValueError: `temporal_pool_size` < 1, or `num_frames` not a positive multiple of it (the message says what
-        works).
+        TypeError: a setting that is not an integer. ValueError: `temporal_pool_size` < 1, or `num_frames` not a
+        positive multiple of it (the message says what works).
     """
-    if temporal_pool_size < 1:
-        raise ValueError(f"temporal_pool_size={temporal_pool_size} must be at least 1 (1 = no temporal pooling).")
     get_num_visual_tokens(num_frames, grid_size=1, temporal_pool_size=temporal_pool_size)
 
 
@@ -322,14 +321,17 @@ def compose(
     Raises:
         FileExistsError: `output_dir` exists and not `overwrite`. FileNotFoundError: a source is missing or incomplete.
         ValueError: a source that is not SigLIP / not a ChatML causal LM, weights that do not match their config, or
-        bad STORM settings. RuntimeError: verification failed. In every case nothing is written.
+        bad STORM settings (checked before any source is read). TypeError: a setting that is not an integer.
+        RuntimeError: verification failed, or the upload (the checkpoint is then complete on disk). In every other
+        case nothing is written.
     """
     output_dir = prepare_output_dir(output_dir, overwrite)
+    num_frames = DEFAULT_NUM_FRAMES if num_frames is None else num_frames
+    check_frames(num_frames, temporal_pool_size)
+    check_repo_id(push_to_hub_repo)
     vision_dir, vision_id = resolve_source(vision, "vision model")
     llm_dir, llm_id = resolve_source(llm, "LLM")
     refuse_overwriting_sources(output_dir, [vision_dir, llm_dir])
-    num_frames = num_frames or DEFAULT_NUM_FRAMES
-    check_frames(num_frames, temporal_pool_size)
     print(f"loading the LLM from {llm_dir} and the vision model from {vision_dir}")
     language_model, tokenizer = load_llm(llm_dir, dtype)
     vision_model, unused_vision_keys = load_vision_tower(vision_dir, language_model.dtype)

@@ -11,15 +11,14 @@ that can fail before anything is written.
 
 import json
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.utils import logging
 
+from modeling_storm.loading import loading_report_off
 from processing_storm import StormVideoProcessor, default_chat_template
 
 from .verification import VERIFY_CONVERSATION
@@ -42,9 +41,13 @@ def resolve_source(name_or_path: str | Path, what: str) -> tuple[Path, str | Non
         return path, None
     text = str(name_or_path)
     if path.exists():
-        raise FileNotFoundError(
-            f"The {what} {text} is a file; pass the folder that holds config.json and the weights."
+        hint = (
+            f" It is a GGUF file: dequantise it into a folder first, `storm convert gguf --input {text} --output DIR`, "
+            "and pass DIR."
+            if path.suffix.lower() == ".gguf"
+            else " Pass the folder that holds config.json and the weights."
         )
+        raise FileNotFoundError(f"The {what} {text} is a file.{hint}")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         raise FileNotFoundError(f"The {what} folder {text} does not exist.")
     from huggingface_hub import snapshot_download
@@ -63,22 +66,13 @@ def _require_files(folder: Path, what: str) -> None:
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         missing.append("weights (*.safetensors or *.bin)")
     if missing:
-        raise FileNotFoundError(
-            f"The {what} folder {folder} has no {' and no '.join(missing)}. Save the model there "
-            "with save_pretrained, or point to the folder that has them."
+        gguf = sorted(folder.glob("*.gguf"))
+        hint = (
+            f" It holds a GGUF file: dequantise it with `storm convert gguf --input {gguf[0]} --output DIR` and pass DIR."
+            if gguf
+            else " Save the model there with save_pretrained, or point to the folder that has them."
         )
-
-
-@contextmanager
-def loading_report_off():
-    """Silence transformers' table of missing/unexpected keys: `_check_loading` and `assemble` check every key and
-    report (or refuse) them in the conversion's own terms."""
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
+        raise FileNotFoundError(f"The {what} folder {folder} has no {' and no '.join(missing)}.{hint}")
 
 
 def _check_loading(info: dict, source: Path, not_used: str | None = None) -> list[str]:

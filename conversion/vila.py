@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint import prepare_output_dir, push_to_hub
+from .checkpoint import check_repo_id, prepare_output_dir, push_to_hub
 from .compose import DEFAULT_NUM_FRAMES, check_frames, compose_checkpoint
 from .sources import load_llm, load_vision_tower, refuse_overwriting_sources, resolve_source, source_license
 
@@ -165,6 +165,9 @@ def convert_vila(
         unsupported VILA settings, widths that disagree, or a projector not explicitly discarded. Nothing is written.
     """
     output_dir = prepare_output_dir(output_dir, overwrite)
+    if num_frames is not None:
+        check_frames(num_frames, temporal_pool_size)
+    check_repo_id(push_to_hub_repo)
     folder, hub_id = resolve_source(vila, "VILA checkpoint")
     refuse_overwriting_sources(output_dir, [folder])
     vila_config = read_vila_config(folder)
@@ -177,8 +180,9 @@ def convert_vila(
             "and are trained in stage 1. Pass --discard-mm-projector (discard_mm_projector=True) to convert the "
             "vision tower and the LLM without it."
         )
-    num_frames = num_frames or vila_config.get("num_video_frames") or DEFAULT_NUM_FRAMES
-    check_frames(num_frames, temporal_pool_size)
+    if num_frames is None:
+        num_frames = vila_config.get("num_video_frames") or DEFAULT_NUM_FRAMES
+        check_frames(num_frames, temporal_pool_size)
     print(f"loading the LLM and the vision tower of the VILA checkpoint {folder}")
     language_model, tokenizer = load_llm(folder / "llm", dtype)
     vision_model, unused = load_vision_tower(folder / "vision_tower", language_model.dtype)

@@ -1,56 +1,51 @@
-"""The `storm` command.
+"""`storm generate`: answer a question about a video (the command line is parsed by `storm_cli`, which imports this
+module only when the command runs).
 
     storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F] [--max-new-tokens M]
-                   (default model: the miniature STORM trained on synthetic clips, checkpoints/storm-tiny-synthetic)
-    storm fetch-assets [--output assets] [--with-llm]          (conversion/cli.py)
-    storm build-tiny-random [--output assets/storm-tiny-random]
-    storm train --config training/configs/sft_lora.yaml [--flag value …]      (training/cli.py)
-
-Each package adds its subcommands with a `register(subparsers)` function; `main` only parses and dispatches.
+                   [--temporal-sample-rate S] [--device D] [--dtype auto|float32|bfloat16|float16]
 """
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
-import conversion.cli
-import training.cli
-
-# The miniature STORM that ships in the repository (docs/miniature.md); found from an editable install or a clone.
-DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "checkpoints" / "storm-tiny-synthetic")
+from storm_cli import DEFAULT_MODEL, main  # noqa: F401  (`python -m modeling_storm.cli` and old entry points)
 
 
 def generate(args) -> str:
-    """Answer `args.prompt` about `args.video` with the checkpoint in `args.model`, printing what went in."""
+    """Answer `args.prompt` about `args.video` with the checkpoint in `args.model`, printing what went in.
+
+    Raises:
+        FileNotFoundError, ValueError, TypeError: a checkpoint `modeling_storm.loading.load_storm` refuses, a device
+        that is not available, or a video the processor cannot read.
+    """
     import torch
     from huggingface_hub import ModelCard
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import processing_storm  # noqa: F401  (registers the processors; imports modeling_storm too)
+    from .loading import check_checkpoint, check_device, load_storm
 
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").exists():
-        hint = (
-            " The default checkpoint ships in the repository's checkpoints/ folder: install from a clone "
+    device = check_device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        model_dir = check_checkpoint(args.model)
+    except FileNotFoundError as error:
+        if args.model != DEFAULT_MODEL:
+            raise
+        raise FileNotFoundError(
+            f"{error} The default checkpoint ships in the repository's checkpoints/ folder: install from a clone "
             "(`pip install -e .`) or pass --model."
-            if args.model == DEFAULT_MODEL
-            else ""
-        )
-        raise SystemExit(f"No STORM checkpoint in {model_dir} (no config.json).{hint}")
-    card = model_dir / "README.md"
+        ) from None
+    card = Path(model_dir) / "README.md"
     if card.exists() and "random-weights" in (ModelCard.load(card).data.tags or []):
         print(f"NOTE: {model_dir} has random (untrained) weights: the answer below is noise, not understanding.")
 
     start = time.perf_counter()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=args.dtype).to(args.device).eval()
+    model, processor = load_storm(model_dir, dtype=args.dtype, device=device)
     if args.temporal_sample_rate is not None:
         model.config.temporal_sample_rate = processor.temporal_sample_rate = args.temporal_sample_rate
     loaded = time.perf_counter()
 
     messages = [{"role": "user", "content": [{"type": "video", "path": args.video}, {"type": "text", "text": args.prompt}]}]
-    sampling = {"fps": args.fps} if args.fps is not None else {"num_frames": args.num_frames or processor.video_processor.num_frames}
+    num_frames = args.num_frames if args.num_frames is not None else processor.video_processor.num_frames
+    sampling = {"fps": args.fps} if args.fps is not None else {"num_frames": num_frames}
     inputs = processor.apply_chat_template(
         messages,
         add_generation_prompt=True,
@@ -88,41 +83,7 @@ def generate(args) -> str:
     return answer
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="storm", description="STORM video LLM for transformers.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="answer a question about a video")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder (default: {DEFAULT_MODEL})")
-    gen.add_argument("--video", required=True, help="path, http(s) URL of a video file")
-    gen.add_argument("--prompt", required=True)
-    frames = gen.add_mutually_exclusive_group()
-    frames.add_argument("--num-frames", type=int, help="frames sampled uniformly (default: the processor's)")
-    frames.add_argument("--fps", type=float, help="sample this many frames per second instead")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temporal-sample-rate", type=int, help="test-time temporal sampling s (model and processor)")
-    gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, …")
-    gen.set_defaults(run=generate)
-    conversion.cli.register(commands)
-    training.cli.register(commands)
-    return parser
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
-        print(f"storm {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
+    import sys
+
     sys.exit(main())

@@ -6,6 +6,7 @@ pooling k = 4). Fields the paper leaves open are marked "our choice" in the docs
 """
 
 import math
+import numbers
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -92,11 +93,25 @@ class StormTemporalEncoderConfig(PreTrainedConfig):
     use_mamba_kernels: bool = True
 
     def __post_init__(self, **kwargs):
+        # Types are checked by @strict on every assignment; the values are checked here.
+        defaults = {name: field.default for name, field in type(self).__dataclass_fields__.items()}
         for name in ("state_size", "conv_kernel", "expand"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}={getattr(self, name)}` must be at least 1.")
-        if self.num_hidden_layers < 0:
-            raise ValueError(f"`num_hidden_layers={self.num_hidden_layers}` must be >= 0 (0 = no temporal encoder).")
+            check_count(f"temporal_encoder_config.{name}", getattr(self, name), fix=f"Default: {defaults[name]}.")
+        check_count(
+            "temporal_encoder_config.num_hidden_layers", self.num_hidden_layers, minimum=0, fix="0 = no temporal encoder."
+        )
+        if self.hidden_size is not None:
+            check_count("temporal_encoder_config.hidden_size", self.hidden_size, fix="Leave it unset to use the LLM's.")
+        if self.time_step_rank != "auto":
+            check_count("temporal_encoder_config.time_step_rank", self.time_step_rank, fix='Or "auto" (ceil(D / 16)).')
+        for name, positive in (("layer_norm_epsilon", True), ("initializer_range", False)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                bound = "> 0" if positive else ">= 0"
+                raise ValueError(
+                    f"`temporal_encoder_config.{name}={value}` must be a finite number {bound} "
+                    f"(default {defaults[name]})."
+                )
         super().__post_init__(**kwargs)
 
     @property
@@ -146,6 +161,13 @@ class StormConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Tie `lm_head` to the LLM's input embeddings (taken from `text_config` when it ties).
 
+    Raises:
+        ValueError / TypeError (or huggingface_hub's `StrictDataclassFieldValidationError` for a value of the wrong
+        type, from `@strict`): a count, size or rate that is not an integer >= 1 (0 and negative values, floats, bools,
+        NaN), a `vision_feature_layer` outside the tower's hidden states, placeholder ids outside the vocabulary or
+        equal to each other, a sub-config `model_type` transformers does not know, a temporal encoder width other
+        than the LLM's. Each message names the field, the value and the fix.
+
     Example:
 
     ```python
@@ -177,8 +199,8 @@ class StormConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        self.vision_config = _build_sub_config(self.vision_config, DEFAULT_VISION_CONFIG)
-        self.text_config = _build_sub_config(self.text_config, DEFAULT_TEXT_CONFIG)
+        self.vision_config = _build_sub_config("vision_config", self.vision_config, DEFAULT_VISION_CONFIG)
+        self.text_config = _build_sub_config("text_config", self.text_config, DEFAULT_TEXT_CONFIG)
         if isinstance(self.temporal_encoder_config, dict):
             self.temporal_encoder_config = StormTemporalEncoderConfig(**self.temporal_encoder_config)
         elif self.temporal_encoder_config is None:
@@ -199,8 +221,17 @@ class StormConfig(PreTrainedConfig):
 
     def _validate_storm_fields(self):
         for name in ("downsample_factor", "temporal_pool_size", "spatial_pool_size", "temporal_sample_rate"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}={getattr(self, name)}` must be at least 1 (1 = off).")
+            check_count(name, getattr(self, name), fix="1 = off.")
+        vision = self.vision_config
+        for name in ("image_size", "patch_size"):
+            check_count(f"vision_config.{name}", getattr(vision, name, None), fix="Use the vision tower's config.")
+        if vision.image_size < vision.patch_size:
+            raise ValueError(
+                f"`vision_config.image_size={vision.image_size}` is smaller than `vision_config.patch_size="
+                f"{vision.patch_size}`: a frame would have no patches. Use the vision tower's own config."
+            )
+        for name in ("vision_feature_layer", "image_token_id", "video_token_id"):  # older @strict accepts bools
+            check_count(name, getattr(self, name), minimum=None)
         num_layers = self.vision_config.num_hidden_layers
         if not -(num_layers + 1) <= self.vision_feature_layer <= num_layers:  # hidden_states: embeddings + each layer
             raise ValueError(
@@ -221,6 +252,12 @@ class StormConfig(PreTrainedConfig):
                     f"`{name}={getattr(self, name)}` is outside the LLM vocabulary (vocab_size={vocab_size}). "
                     "Add the placeholder token to the tokenizer and resize the embeddings, then set its id here."
                 )
+        if self.image_token_id == self.video_token_id:
+            raise ValueError(
+                f"`image_token_id` and `video_token_id` are both {self.image_token_id}: the model could not tell an "
+                "image's placeholders from a video's. Use two different tokens (Qwen2-VL's <|image_pad|> and "
+                "<|video_pad|>)."
+            )
 
     @property
     def token_grid_size(self) -> int:
@@ -243,11 +280,31 @@ class StormConfig(PreTrainedConfig):
         return get_num_visual_tokens(1, grid_size=self.token_grid_size, spatial_pool_size=self.spatial_pool_size)
 
 
-def _build_sub_config(value, defaults: dict) -> PreTrainedConfig:
+def check_count(name: str, value, minimum: int | None = 1, fix: str = "") -> None:
+    """Raise unless `value` is an integer (not a bool) of at least `minimum` (None: any integer); the message names
+    `name`, the value and `fix`.
+
+    Raises:
+        TypeError: not an integer (a float, a bool, a string, None). ValueError: below `minimum`.
+    """
+    fix = f" {fix}" if fix else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        kind = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise TypeError(f"`{name}` must be {kind}, got {value!r} ({type(value).__name__}).{fix}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}={value}` must be at least {minimum}.{fix}")
+
+
+def _build_sub_config(name: str, value, defaults: dict) -> PreTrainedConfig:
     if isinstance(value, PreTrainedConfig):
         return value
     value = dict(defaults) if value is None else dict(value)
     model_type = value.pop("model_type", defaults["model_type"])
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"`{name}` has model_type={model_type!r}, which this transformers version does not know. Use a "
+            f"transformers model type (the default is {defaults['model_type']!r}), or upgrade transformers."
+        )
     return CONFIG_MAPPING[model_type](**value)
 
 
@@ -275,10 +332,14 @@ def get_num_visual_tokens(
         `int`: `ceil((T / k) / s) * (grid_size / p) ** 2` tokens.
 
     Raises:
-        ValueError: T < 1, T not a multiple of k (the message lists frame counts that work), or p not dividing the grid.
+        TypeError: a count that is not an integer. ValueError: T < 1 or another count < 1, T not a multiple of k (the
+        message lists frame counts that work), or p not dividing the grid.
     """
-    if num_frames < 1:
-        raise ValueError(f"A video needs at least one frame, got num_frames={num_frames}.")
+    check_count("num_frames", num_frames, fix="A video needs at least one frame.")
+    check_count("grid_size", grid_size)
+    check_count("temporal_pool_size", temporal_pool_size, fix="1 = no temporal pooling.")
+    check_count("spatial_pool_size", spatial_pool_size, fix="1 = no spatial pooling.")
+    check_count("temporal_sample_rate", temporal_sample_rate, fix="1 = no test-time temporal sampling.")
     if num_frames % temporal_pool_size:
         lower = num_frames - num_frames % temporal_pool_size
         upper = lower + temporal_pool_size
@@ -295,4 +356,4 @@ def get_num_visual_tokens(
     return kept_frames * (grid_size // spatial_pool_size) ** 2
 
 
-__all__ = ["StormConfig", "StormTemporalEncoderConfig", "get_num_visual_tokens"]
+__all__ = ["StormConfig", "StormTemporalEncoderConfig", "check_count", "get_num_visual_tokens"]

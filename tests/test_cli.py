@@ -1,11 +1,16 @@
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from huggingface_hub import ModelCard
 from transformers import AutoModelForImageTextToText
 
-from modeling_storm import StormForConditionalGeneration
-from modeling_storm.cli import main
+from modeling_storm import StormForConditionalGeneration, cli, loading
+from modeling_storm.loading import check_checkpoint
+from storm_cli import DEFAULT_MODEL, DTYPES, main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_random_checkpoint_is_complete_and_says_it_is_random(tiny_checkpoint):
@@ -46,3 +51,38 @@ def test_storm_generate_reports_bad_input(tiny_checkpoint, tmp_path, capsys):
 def test_help_lists_the_commands():
     result = subprocess.run([sys.executable, "-m", "modeling_storm.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "generate" in result.stdout and "fetch-assets" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, code, output",
+    [
+        (["--help"], 0, "convert"),
+        (["convert", "compose", "--help"], 0, "--push-to-hub"),
+        (["generate", "--video", "x.mp4", "--prompt", "?", "--num-frames", "0"], 2, "argument --num-frames: '0' must"),
+        (["convert", "compose", "--vision", "a", "--llm", "b", "--output", "c", "--num-frames", "0"], 2, "'0' must"),
+    ],
+)
+def test_help_and_flag_errors_do_not_import_torch(argv, code, output):
+    """`storm` imports no torch (or transformers) to print its help or refuse a flag: `python -X importtime`."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "storm_cli", *argv], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == code and output in result.stdout + result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "argparse" in imported  # the import log is there
+    assert not {"torch", "transformers", "numpy", "modeling_storm"} & imported
+
+
+def test_the_default_checkpoint_is_the_shipped_miniature():
+    assert Path(DEFAULT_MODEL) == REPO / "checkpoints" / "storm-tiny-synthetic"
+    assert check_checkpoint(DEFAULT_MODEL) == Path(DEFAULT_MODEL)
+    assert set(DTYPES) == set(loading.DTYPES)  # the CLI's --dtype choices are the loader's
+
+
+def test_a_missing_default_checkpoint_says_how_to_get_it(monkeypatch, tmp_path, capsys):
+    import storm_cli
+
+    monkeypatch.setattr(storm_cli, "DEFAULT_MODEL", str(tmp_path / "storm-tiny-synthetic"))
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", str(tmp_path / "storm-tiny-synthetic"))
+    assert main(["generate", "--video", "x.mp4", "--prompt", "?"]) == 1
+    assert "install from a clone (`pip install -e .`) or pass --model" in capsys.readouterr().err

@@ -35,16 +35,71 @@ def test_round_trip_keeps_every_field(tmp_path):
     "kwargs, message",
     [
         ({"temporal_pool_size": 0}, "temporal_pool_size=0"),
+        ({"temporal_sample_rate": 0}, "`temporal_sample_rate=0` must be at least 1. 1 = off"),
+        ({"downsample_factor": -2}, "`downsample_factor=-2` must be at least 1"),
         ({"spatial_pool_size": 3}, "spatial_pool_size=3"),
         ({"temporal_encoder_config": {"hidden_size": 64}}, "must equal text_config.hidden_size"),
+        ({"temporal_encoder_config": {"hidden_size": 0}}, "temporal_encoder_config.hidden_size=0"),
+        ({"temporal_encoder_config": {"state_size": 0}}, r"temporal_encoder_config.state_size=0.*Default: 16"),
+        ({"temporal_encoder_config": {"time_step_rank": 0}}, "time_step_rank=0.*\"auto\""),
+        ({"temporal_encoder_config": {"layer_norm_epsilon": float("nan")}}, "layer_norm_epsilon=nan.*finite"),
+        ({"temporal_encoder_config": {"initializer_range": -0.5}}, "initializer_range=-0.5"),
         ({"video_token_id": 10**6}, "outside the LLM vocabulary"),
+        ({"video_token_id": 151655}, "`image_token_id` and `video_token_id` are both 151655"),
         ({"vision_feature_layer": 40}, "vision_feature_layer=40"),
         ({"vision_feature_layer": -29}, "vision_feature_layer=-29"),
+        ({"vision_config": {"model_type": "siglip_vision_model", "image_size": 0}}, "vision_config.image_size=0"),
+        ({"vision_config": {"model_type": "siglip_vision_model", "image_size": 8}}, "smaller than.*patch_size=16"),
+        ({"text_config": {"model_type": "qwen9"}}, "`text_config` has model_type='qwen9'"),
     ],
 )
 def test_invalid_fields_raise_with_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         StormConfig(**kwargs)
+
+
+@pytest.mark.parametrize("value", [1.5, True, float("nan"), "4", None])
+def test_counts_of_the_wrong_type_name_the_field(value):
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    wrong_type = (StrictDataclassFieldValidationError, TypeError)  # @strict's, or ours where @strict accepts a bool
+    with pytest.raises(wrong_type, match="temporal_pool_size"):
+        StormConfig(temporal_pool_size=value)
+    with pytest.raises(wrong_type, match="vision_feature_layer"):
+        StormConfig(vision_feature_layer=value)
+    config = StormConfig()
+    try:  # checked on assignment by @strict (huggingface_hub >= 1.x accepts bools there), else where it is used
+        config.temporal_sample_rate = value
+    except StrictDataclassFieldValidationError as error:
+        assert "temporal_sample_rate" in str(error)
+    else:
+        with pytest.raises(TypeError, match="`temporal_sample_rate` must be an integer"):
+            config.num_video_tokens(8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_frames": 0}, ValueError, "`num_frames=0` must be at least 1"),
+        ({"num_frames": 8.0}, TypeError, r"`num_frames` must be an integer >= 1, got 8.0 \(float\)"),
+        ({"num_frames": True}, TypeError, "got True \\(bool\\)"),
+        ({"temporal_sample_rate": 0}, ValueError, "`temporal_sample_rate=0` must be at least 1"),  # was ZeroDivisionError
+        ({"temporal_pool_size": -4}, ValueError, "`temporal_pool_size=-4`"),
+        ({"spatial_pool_size": float("nan")}, TypeError, "`spatial_pool_size` must be an integer"),
+        ({"grid_size": 0}, ValueError, "`grid_size=0`"),
+    ],
+)
+def test_token_count_arguments_are_checked(kwargs, error, message):
+    arguments = {"num_frames": 8, "grid_size": 16, "temporal_pool_size": 4} | kwargs
+    with pytest.raises(error, match=message):
+        get_num_visual_tokens(**arguments)
+
+
+def test_a_sampling_rate_set_after_loading_is_checked_where_it_is_used():
+    config = StormConfig()
+    config.temporal_sample_rate = 0  # as the README's `model.config.temporal_sample_rate = ...`; __post_init__ is past
+    with pytest.raises(ValueError, match="`temporal_sample_rate=0` must be at least 1"):
+        config.num_video_tokens(8)
 
 
 def test_every_hidden_state_can_be_the_feature_layer():

@@ -1,5 +1,11 @@
+import io
 import math
+import os
+import re
+import shlex
 import shutil
+from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +28,8 @@ from conversion.sources import check_chat_template, resolve_source, source_licen
 from conversion.verification import VERIFY_CONVERSATION
 from modeling_storm.cli import main
 from processing_storm import default_chat_template
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -125,31 +133,55 @@ def test_compose_copies_both_sources_exactly_and_initialises_the_new_modules(sou
     assert 'from_pretrained("storm")' in card.text and "trust_remote_code=True)" not in card.text
 
 
+def readme_block(after: str, language: str = "bash") -> str:
+    """The first fenced block of `language` after the text `after` in README.md."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return re.search(rf"```{language}\n(.*?)```", text[text.index(after) :], re.DOTALL).group(1)
+
+
+def run_readme_commands(block: str) -> None:
+    """Run the README's shell lines in-process: `storm ...` through the `storm` command, `python -c` as code."""
+    for line in block.strip().splitlines():
+        words = shlex.split(line)
+        if words[0] == "storm":
+            assert main(words[1:]) == 0, line
+        else:
+            assert words[:2] == ["python", "-c"], line
+            exec(words[2], {})  # noqa: S102
+
+
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory, smollm2_gguf):
-    """SmolLM2-135M-Instruct from its GGUF (the model as llama.cpp users have it), and the same saved as a folder."""
-    gguf_dir, gguf = smollm2_gguf.parent, smollm2_gguf.name
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf)
-    folder = tmp_path_factory.mktemp("smollm2")
-    # A GGUF-loaded model refuses save_pretrained; its dequantized weights go into a plain model of the same config.
-    config = type(model.config).from_dict(
-        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
-    )
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict(), strict=True)
-    plain.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model, tokenizer, folder
+def readme_smollm2(tmp_path_factory, smollm2_gguf):
+    """The README's compose example from the assets: `storm convert gguf` on the SmolLM2 GGUF, a random SigLIP,
+    `storm convert compose`. Returns the folder it ran in and what it printed."""
+    folder = tmp_path_factory.mktemp("readme_compose")
+    (folder / "assets").symlink_to(smollm2_gguf.parents[1])
+    old = Path.cwd()
+    os.chdir(folder)
+    try:
+        output = io.StringIO()
+        with redirect_stdout(output):
+            run_readme_commands(readme_block("The same from the assets, runnable as is"))
+    finally:
+        os.chdir(old)
+    return folder, output.getvalue()
 
 
-def test_smollm2_composed_into_storm_generates_exactly_like_smollm2(smollm2, sources, video_path, tmp_path, capsys):
-    smol, smol_tokenizer, folder = smollm2
-    output = compose(
-        sources["siglip"], folder, tmp_path / "storm-smollm2", num_frames=8, verification_video=video_path
-    )
-    out = capsys.readouterr().out
-    assert "max |Δ| = 0 over (4, 16, 32)" in out and "text-only logits vs the source LLM: max |Δ| = 0" in out
+def test_readme_compose_example_runs_from_the_assets_and_prints_its_verification(readme_smollm2):
+    folder, printed = readme_smollm2
+    assert readme_block("Verification, printed at the end", language="").strip() in printed
+    assert "verification: logits of the folder vs the GGUF model: max |Δ| = 0 over (1, 45, 49152)" in printed
+    assert ModelCard.load(folder / "smollm2" / "README.md").data.license == "apache-2.0"  # the GGUF's metadata
+    config = read_json(folder / "smollm2" / "config.json")
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+
+
+def test_smollm2_composed_into_storm_generates_exactly_like_smollm2(readme_smollm2, video_path):
+    folder, _ = readme_smollm2
+    output = folder / "storm-smollm2"
+    # The dequantised folder computes exactly what the GGUF does (storm convert gguf's verification, tested above).
+    smol = AutoModelForCausalLM.from_pretrained(folder / "smollm2", dtype=torch.float32).eval()
+    smol_tokenizer = AutoTokenizer.from_pretrained(folder / "smollm2")
     storm = AutoModelForImageTextToText.from_pretrained(output).eval()
     processor = AutoProcessor.from_pretrained(output)
     assert storm.config.text_config.model_type == "llama" and storm.config.tie_word_embeddings

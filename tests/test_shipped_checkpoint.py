@@ -25,6 +25,8 @@ def test_it_is_the_default_of_storm_generate_and_within_the_size_budget():
     assert "synthetic-data" in card.data.tags and "random-weights" not in card.data.tags
     assert "It knows only its synthetic world" in card.text
     assert "examples/square_turns_green.mp4" in card.text  # the usage snippet runs as written from the repo root
+    eos = json.loads((CHECKPOINT / "generation_config.json").read_text())["eos_token_id"]
+    assert eos == [151643, 151645]  # <|endoftext|>, <|im_end|>: each once
 
 
 def test_readme_command_answers_the_example_clip(capsys):

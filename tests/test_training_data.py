@@ -209,7 +209,7 @@ def test_strict_mode_raises_the_media_error(processor, tmp_path, bad_media):
         ([{"role": "assistant", "content": [{"type": "video", "path": "a.mp4"}]}], "in an assistant turn"),
         (
             [{"role": "user", "content": [{"type": "audio", "path": "a.wav"}]}, {"role": "assistant", "content": "x"}],
-            "Unknown content part type 'audio'",
+            "unknown content part .*'audio'",
         ),
         (
             [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "x"}],

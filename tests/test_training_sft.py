@@ -76,7 +76,8 @@ def test_sft_steps_on_a_repeated_batch_drive_the_loss_down(tiny_checkpoint, data
     trained = trainer.model.state_dict()
     assert all(torch.equal(tensor, trained[name]) for name, tensor in model.state_dict().items())
     assert AutoProcessor.from_pretrained(out).video_processor.num_frames == NUM_FRAMES
-    assert (out / "generation_config.json").exists()
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert sorted(eos) == sorted(set(eos)) == [151643, 151645]  # <|endoftext|>, <|im_end|>; once each (5.17 doubled it)
     card = ModelCard.load(out / "README.md")
     assert card.data.pipeline_tag == "video-text-to-text" and card.data.library_name == "transformers"
     assert f"Fine-tuned from `{tiny_checkpoint}`" in card.text and "2 rows), 4 frames per video" in card.text
@@ -100,7 +101,7 @@ def test_alignment_stage_leaves_frozen_weights_bit_identical(tiny_checkpoint, da
     assert "trained: multi_modal_projector, temporal_encoder; frozen: vision_tower, language_model" in card
 
 
-def test_lora_adapter_saves_loads_and_merges_to_the_same_outputs(tiny_checkpoint, dataset, tmp_path):
+def test_lora_adapter_saves_loads_and_merges_to_the_same_outputs(tiny_checkpoint, dataset, tmp_path, capsys):
     out = tmp_path / "lora"
     trainer = train(tiny_checkpoint, dataset, out, model={"use_peft": True})
     adapted = trainer.model.eval()
@@ -110,6 +111,12 @@ def test_lora_adapter_saves_loads_and_merges_to_the_same_outputs(tiny_checkpoint
     assert any("multi_modal_projector" in key for key in saved) and any("temporal_encoder" in key for key in saved)
     assert not any("vision_tower" in key for key in saved)
     assert ModelCard.load(out / "README.md").data.library_name == "peft"
+    # The adapter folder is not a model: `storm generate --model` says what it is and how to use it.
+    capsys.readouterr()
+    assert storm(["generate", "--model", str(out), "--video", "clip.mp4", "--prompt", "?"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"storm generate: error: {out} is a PEFT (LoRA) adapter") and len(error.splitlines()) == 1
+    assert f"the base model {tiny_checkpoint}" in error and "merge_and_unload()" in error
 
     processor = AutoProcessor.from_pretrained(out)
     batch = StormDataCollator(processor, NUM_FRAMES, data_root=dataset.parent)(
@@ -163,10 +170,6 @@ def test_storm_train_runs_a_yaml_recipe_and_reports_bad_input(tiny_checkpoint, d
         str(NUM_FRAMES),
         "--dtype",
         "float32",
-        "--bf16",
-        "false",
-        "--use_cpu",
-        "true",
         "--max_steps",
         "1",
         "--dataloader_num_workers",
@@ -176,7 +179,10 @@ def test_storm_train_runs_a_yaml_recipe_and_reports_bad_input(tiny_checkpoint, d
     ]
     assert storm([*args, "--output_dir", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "adapter_config.json").exists()
-    assert "Rows skipped for unreadable media: 0." in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Rows skipped for unreadable media: 0." in out
+    if not torch.accelerator.is_available():  # the YAML says bf16: true; no --use_cpu needed on a CPU-only machine
+        assert "No GPU or other accelerator found: training on the CPU in float32 (use_cpu=True, bf16=False)." in out
 
     assert storm([*args, "--output_dir", str(tmp_path / "k"), "--num_frames", "6"]) == 1
     assert "num_frames=6 is not a multiple of temporal_pool_size=4" in capsys.readouterr().err
@@ -270,3 +276,13 @@ def test_readme_notebook_recipe_trains_a_lora_adapter_that_merges(tiny_checkpoin
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "storm-my-videos")
     assert type(merged) is StormForConditionalGeneration
     assert AutoProcessor.from_pretrained(tmp_path / "storm-my-videos").video_processor.num_frames == 16
+
+
+def test_push_to_hub_without_a_reachable_hub_is_one_line(tiny_checkpoint, dataset, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # as HF_ENDPOINT=http://127.0.0.1:9
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    with pytest.raises(RuntimeError, match=r"^Could not reach the Hub repository me/storm-run before training \(") as error:
+        train(tiny_checkpoint, dataset, tmp_path / "run", push_to_hub=True, hub_model_id="me/storm-run")
+    assert "\n" not in str(error.value) and error.value.__cause__ is None

@@ -3,6 +3,9 @@ and the command line by `trl.TrlParser`. Names follow TRL's `ScriptArguments` / 
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from modeling_storm.configuration_storm import check_count
 
 from .modules import LLM_LORA_TARGETS, TRAINABLE_MODULES, check_trainable_modules
 
@@ -28,6 +31,10 @@ class StormDataArguments:
             of `temporal_pool_size`.
         strict (`bool`, *optional*, defaults to `False`):
             Stop at the first missing or unreadable video/image instead of skipping the row with a warning.
+
+    Raises:
+        ValueError, TypeError: an empty `dataset_name`, `num_frames` that is not an integer >= 1.
+        FileNotFoundError: a `data_root` that is not a folder.
     """
 
     dataset_name: str = field(
@@ -47,6 +54,13 @@ class StormDataArguments:
     strict: bool = field(
         default=False, metadata={"help": "Stop at the first unreadable video/image instead of skipping the row."}
     )
+
+    def __post_init__(self):
+        if not isinstance(self.dataset_name, str) or not self.dataset_name.strip():
+            raise ValueError(f"dataset_name={self.dataset_name!r}: give a JSONL file or a datasets dataset name.")
+        check_count("num_frames", self.num_frames, fix="Frames sampled per video, a multiple of temporal_pool_size.")
+        if self.data_root is not None and not Path(self.data_root).is_dir():
+            raise FileNotFoundError(f"data_root={self.data_root!r} is not a folder.")
 
 
 @dataclass
@@ -88,6 +102,10 @@ class StormModelArguments:
             LoRA targets. One value is a regex that must match whole module names; several values match names or
             their endings (PEFT's rules). Default: the LLM's attention and MLP projections (`LLM_LORA_TARGETS`). A
             target that matches nothing is an error.
+
+    Raises:
+        ValueError, TypeError: a pooling/sampling size or `lora_r` / `lora_alpha` that is not an integer >= 1,
+        `lora_dropout` outside [0, 1), unknown or repeated `trainable_modules`.
     """
 
     model_name_or_path: str = field(metadata={"help": "STORM checkpoint folder to start from."})
@@ -127,6 +145,14 @@ class StormModelArguments:
     )
 
     def __post_init__(self):
+        for name in ("temporal_pool_size", "spatial_pool_size", "temporal_sample_rate"):
+            if getattr(self, name) is not None:
+                check_count(name, getattr(self, name), fix="1 = off; leave it unset to keep the checkpoint's.")
+        check_count("lora_r", self.lora_r, fix="The LoRA rank, e.g. 16.")
+        check_count("lora_alpha", self.lora_alpha, fix="The LoRA scale is alpha / r, e.g. 32.")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"lora_dropout={dropout!r} must be a probability in [0, 1), e.g. 0.05.")
         if self.trainable_modules is None:
             self.trainable_modules = (
                 ["multi_modal_projector", "temporal_encoder"] if self.use_peft else list(TRAINABLE_MODULES)

@@ -1,4 +1,4 @@
-"""`storm train`: the SFT recipe (`training/sft.py`) as a `storm` subcommand (registered by `modeling_storm.cli`).
+"""`storm train`: the SFT recipe (`training/sft.py`) as a `storm` subcommand (registered by `storm_cli`).
 
     storm train --config training/configs/sft_lora.yaml --model_name_or_path DIR --dataset_name FILE.jsonl \
         [--flag value …]
@@ -10,9 +10,9 @@ import argparse
 
 
 def train_command(args) -> None:
-    from .sft import main, make_parser
+    from .sft import main, parse_args
 
-    main(*make_parser(prog="storm train").parse_args_and_config(args.args))
+    main(*parse_args(args.args, prog="storm train"))
 
 
 def register(commands) -> None:

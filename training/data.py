@@ -46,32 +46,48 @@ def check_conversation(messages) -> None:
         messages (`list[dict]`): one conversation, `{"role", "content"}` dicts.
 
     Raises:
-        ValueError: not a list of messages; a role other than system/user/assistant; a part type other than
-        text/image/video; a video/image part without a source; a video/image in an assistant turn (the template only
-        renders text there); no assistant turn (nothing to learn from).
+        ValueError: not a list of messages; a message that is not a dict, or with a role other than
+        system/user/assistant; content that is neither a string nor a list of `{"type": ...}` parts; a text part whose
+        `text` is not a string; a part type other than text/image/video; a video/image part without a source, or whose
+        path/URL is not a string; a video/image in an assistant turn (the template only renders text there); no
+        assistant turn (nothing to learn from). The message names the message (by index) and the part.
     """
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"`messages` must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.200}.")
-    for message in messages:
+    for index, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
-            raise ValueError(f"Each message needs a role in {ROLES}, got {message!r:.200}.")
+            raise ValueError(f"Message {index} needs a role in {ROLES}, got {message!r:.200}.")
         content = message.get("content")
+        if not isinstance(content, (str, list)) and content is not None:
+            raise ValueError(
+                f"Message {index} ({role}) has content of type {type(content).__name__} ({content!r:.100}); use a "
+                "string or a list of parts such as {'type': 'text', 'text': ...}."
+            )
         for part in [] if isinstance(content, str) else content or []:
-            kind = part.get("type")
+            kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"Message {index} ({role}): the text part {part!r:.200} needs a string 'text'.")
                 continue
             if kind not in MEDIA_KEYS:
                 raise ValueError(
-                    f"Unknown content part type {kind!r} in {part!r:.200}; use 'text', 'image' or 'video'."
+                    f"Message {index} ({role}): unknown content part {part!r:.200}; parts are dicts with 'type' "
+                    "'text', 'image' or 'video'."
                 )
             if role == "assistant":
                 raise ValueError(
-                    f"A {kind} in an assistant turn is not supported (the chat template renders only text there). "
-                    "Put videos and images in user turns."
+                    f"A {kind} in an assistant turn (message {index}) is not supported (the chat template renders only "
+                    "text there). Put videos and images in user turns."
                 )
-            if _media_source(part) is None:
+            key, source = _media_entry(part)
+            if source is None:
                 raise ValueError(f"The {kind} part {part!r:.200} has no {' / '.join(MEDIA_KEYS[kind])} entry.")
+            if isinstance(source, (bool, int, float, dict)) or (key in ("path", "url") and not isinstance(source, str)):
+                raise ValueError(
+                    f"Message {index} ({role}): the {kind} part's {key!r} is {source!r:.100} "
+                    f"({type(source).__name__}); give the file's path or URL as a string."
+                )
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError(
             "The conversation has no assistant turn, so it has no tokens to train on. Add the expected answer as "
@@ -82,12 +98,14 @@ def check_conversation(messages) -> None:
 def load_conversations(path: str | os.PathLike):
     """Read a JSONL file with one `{"messages": [...], ...}` row per line into a `datasets.Dataset`.
 
-    String contents become `[{"type": "text", "text": ...}]`, since an Arrow column holds one type; other columns are
-    kept. Media paths are left as written: relative ones are resolved by `StormDataCollator(data_root=...)`.
+    The file is UTF-8 (a byte-order mark is allowed). String contents become `[{"type": "text", "text": ...}]`, since
+    an Arrow column holds one type; other columns are kept. Media paths are left as written: relative ones are
+    resolved by `StormDataCollator(data_root=...)`.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: an invalid JSON line, a line without `messages`, a row that fails
-        `check_conversation`, or an empty file; the message gives the line number.
+        FileNotFoundError: no such file. ValueError: a line that is not UTF-8 or not valid JSON, a line without
+        `messages`, a row that fails `check_conversation`, an empty file, or other columns whose types differ between
+        rows; the message gives the file and the line number.
     """
     from datasets import Dataset
 
@@ -95,20 +113,36 @@ def load_conversations(path: str | os.PathLike):
     if not path.is_file():
         raise FileNotFoundError(f"Conversation file not found: {path}. Pass a JSONL file with one row per line.")
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}, line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at position {error.start} "
+                    "of the line). Save the file as UTF-8."
+                ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                check_conversation(row.get("messages") if isinstance(row, dict) else None)
+                if not isinstance(row, dict) or "messages" not in row:
+                    raise ValueError(f"each line must be a JSON object with 'messages', got {line.strip()!r:.200}.")
+                check_conversation(row["messages"])
             except ValueError as error:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}, line {number}: {error}") from None
             row["messages"] = [_with_list_content(message) for message in row["messages"]]
             rows.append(row)
     if not rows:
         raise ValueError(f"{path} has no rows.")
-    return Dataset.from_list(rows)
+    try:
+        return Dataset.from_list(rows)
+    except (ValueError, TypeError) as error:  # pyarrow's ArrowInvalid / ArrowTypeError
+        raise ValueError(
+            f"{path}: the rows cannot form one table ({type(error).__name__}: {str(error).splitlines()[0]}): a key "
+            "holds values of different types in different rows (say a string in one and a number in another). Make "
+            "each column one type, or keep only 'messages'."
+        ) from None
 
 
 def _with_list_content(message: dict) -> dict:
@@ -121,10 +155,6 @@ def _with_list_content(message: dict) -> dict:
 def _media_entry(part: dict) -> tuple[str, object] | tuple[None, None]:
     """`(key, value)` of the part's media, read in transformers' key order."""
     return next(((key, part[key]) for key in MEDIA_KEYS[part["type"]] if part.get(key) is not None), (None, None))
-
-
-def _media_source(part: dict):
-    return _media_entry(part)[1]
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:

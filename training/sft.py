@@ -35,6 +35,8 @@ Resume an interrupted run with `--resume_from_checkpoint runs/sft/checkpoint-500
 """
 
 import logging
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .args import StormDataArguments, StormModelArguments, storm_sft_config
@@ -68,16 +70,21 @@ def main(data_args: StormDataArguments, model_args: StormModelArguments, trainin
     else:
         set_trainable_modules(model, model_args.trainable_modules)
 
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        data_collator=collator,
-        train_dataset=dataset,
-        processing_class=processor,
-        peft_config=peft_config,
-    )
+    with hub_errors_in_one_line(training_args, "before training"):  # push_to_hub: the repository is created here
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args,
+            data_collator=collator,
+            train_dataset=dataset,
+            processing_class=processor,
+            peft_config=peft_config,
+        )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    generation = trainer.model.generation_config
+    if isinstance(generation.eos_token_id, list):  # transformers < 5.24 adds the tokenizer's EOS again on alignment
+        generation.eos_token_id = list(dict.fromkeys(generation.eos_token_id))
+    with hub_errors_in_one_line(training_args, f"after training; the model is saved in {training_args.output_dir}"):
+        trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         card = training_model_card(trainer.model, processor, data_args, model_args, training_args, len(dataset))
         card.save(Path(training_args.output_dir) / "README.md")
@@ -87,21 +94,41 @@ def main(data_args: StormDataArguments, model_args: StormModelArguments, trainin
     return trainer
 
 
+@contextmanager
+def hub_errors_in_one_line(training_args, when: str):
+    """With `push_to_hub`, turn a network or Hub error (no connection, not logged in, no access) into one
+    `RuntimeError` line that says `when` it happened; any other error passes unchanged."""
+    try:
+        yield
+    except Exception as error:
+        hub_error = type(error).__module__.split(".")[0].startswith(("httpx", "httpcore", "huggingface_hub", "requests"))
+        if not training_args.push_to_hub or not hub_error:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        repo = training_args.hub_model_id or Path(training_args.output_dir).name
+        raise RuntimeError(
+            f"Could not reach the Hub repository {repo} {when} ({type(error).__name__}: {reason}). Check the "
+            "connection and `hf auth login`, or train without --push_to_hub and upload later with `hf upload`."
+        ) from None
+
+
 def load_model_and_processor(model_args: StormModelArguments, num_frames: int):
     """The STORM model and processor of `model_args.model_name_or_path`, with the pooling/sampling overrides applied to
     both and `num_frames` as the processor's default frame count (saved with the final model).
 
     Raises:
-        ValueError: `num_frames` is not a multiple of k, p does not divide the token grid, or the checkpoint's
-        processor and config disagree on k, p or s.
+        FileNotFoundError, ValueError, TypeError: a folder `modeling_storm.loading.check_checkpoint` refuses (an
+        adapter, another model, pickle or truncated weights, no processor files, …). ValueError: `num_frames` is
+        not a multiple of k, p does not divide the token grid, or the checkpoint's processor and config disagree on
+        k, p or s.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig
 
-    import processing_storm  # noqa: F401  (registers STORM with the Auto classes)
     from modeling_storm import get_num_visual_tokens
+    from modeling_storm.loading import check_checkpoint, load_storm
 
-    path = model_args.model_name_or_path
+    path = check_checkpoint(model_args.model_name_or_path)
     stored = AutoConfig.from_pretrained(path).dtype
     if model_args.dtype == "float32" and stored in (torch.bfloat16, torch.float16, "bfloat16", "float16"):
         logger.warning(
@@ -109,10 +136,7 @@ def load_model_and_processor(model_args: StormModelArguments, num_frames: int):
             "SFTConfig.bf16): twice the memory of the checkpoint. Pass --dtype bfloat16 to keep them in bfloat16 "
             "(e.g. for LoRA)."
         )
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation
-    )
-    processor = AutoProcessor.from_pretrained(path)
+    model, processor = load_storm(path, dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
     for name in POOLING_FIELDS:
         value = getattr(model_args, name)
         if value is not None:
@@ -217,5 +241,26 @@ def make_parser(prog: str | None = None):
     return TrlParser((StormDataArguments, StormModelArguments, SFTConfig), prog=prog)
 
 
+def parse_args(args: list[str] | None = None, prog: str | None = None):
+    """The recipe's `(data_args, model_args, training_args)` from `args` (default: `sys.argv[1:]`) and `--config`.
+
+    On a machine without an accelerator (no CUDA, MPS, XPU, … device), `--use_cpu true --bf16 false` are put first,
+    so that training runs on the CPU in float32 without the user knowing about `use_cpu` (transformers refuses the
+    configs' `bf16: true` there otherwise); a one-line notice says so. Flags given on the command line still win.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    if not _accelerator_available() and not {"-h", "--help"} & set(args):
+        print("No GPU or other accelerator found: training on the CPU in float32 (use_cpu=True, bf16=False).")
+        args = ["--use_cpu", "true", "--bf16", "false", *args]
+    return make_parser(prog).parse_args_and_config(args)
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    main(*parse_args())

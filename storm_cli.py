@@ -1,0 +1,117 @@
+"""The `storm` command: parses, validates every flag, and dispatches. Importing it imports neither torch nor
+transformers, so `storm --help` and flag errors answer at once; each subcommand imports what it needs when it runs.
+
+    storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F] [--max-new-tokens M]
+                   (default model: the miniature STORM trained on synthetic clips, checkpoints/storm-tiny-synthetic)
+    storm fetch-assets [--output assets] [--with-llm]                                 (conversion/cli.py)
+    storm build-tiny-random [--output assets/storm-tiny-random]
+    storm convert {compose,vila,gguf} …
+    storm train --config training/configs/sft_lora.yaml [--flag value …]              (training/cli.py)
+
+Each package adds its subcommands with a `register(subparsers)` function that imports nothing heavy. A flag value
+that cannot be right (`--num-frames 0`, `--fps -1`, `--dtype banana`) is an argparse error that names the flag, the
+value and what works; an error while running is one line, `storm <command>: error: …`, and exit status 1.
+"""
+
+import argparse
+import math
+import signal
+import sys
+import threading
+from pathlib import Path
+
+# The miniature STORM that ships in the repository (docs/miniature.md); found from an editable install or a clone.
+DEFAULT_MODEL = str(Path(__file__).resolve().parent / "checkpoints" / "storm-tiny-synthetic")
+# The names `modeling_storm.loading.check_dtype` accepts (written here so that parsing needs no torch).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (frames, tokens, pooling sizes, rates)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (frames per second)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give one > 0") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return value
+
+
+def _run(module: str, function: str):
+    """A subcommand's run function, imported only when the subcommand runs."""
+
+    def run(args):
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
+
+
+def _parser() -> argparse.ArgumentParser:
+    import conversion.cli
+    import training.cli
+
+    parser = argparse.ArgumentParser(prog="storm", description="STORM video LLM for transformers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="answer a question about a video")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder or Hub id (default: {DEFAULT_MODEL})")
+    gen.add_argument("--video", required=True, help="path, http(s) URL of a video file")
+    gen.add_argument("--prompt", required=True)
+    frames = gen.add_mutually_exclusive_group()
+    frames.add_argument(
+        "--num-frames", type=positive_int, help="frames sampled uniformly, a multiple of k (default: the processor's)"
+    )
+    frames.add_argument("--fps", type=positive_float, help="sample this many frames per second instead")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64)
+    gen.add_argument(
+        "--temporal-sample-rate", type=positive_int, help="test-time temporal sampling s (model and processor)"
+    )
+    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, … (default: cuda if present, else cpu)")
+    gen.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's)")
+    gen.set_defaults(run=_run("modeling_storm.cli", "generate"))
+    conversion.cli.register(commands)
+    training.cli.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `storm` with `argv` (default: `sys.argv[1:]`); returns the exit status (0, 1 on an error, 130 when
+    interrupted with Ctrl-C, 143 with SIGTERM; argparse exits with 2 on a bad flag)."""
+    args = _parser().parse_args(argv)
+    terminated = []
+
+    def on_sigterm(signum, frame):  # as Ctrl-C, so that every cleanup that Ctrl-C runs also runs on SIGTERM
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    command = " ".join(filter(None, [args.command, getattr(args, "kind", None)]))  # "convert compose"
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print(f"storm {command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    except (ValueError, TypeError, OSError, RuntimeError) as error:  # FileNotFoundError, FileExistsError: OSError
+        print(f"storm {command}: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
