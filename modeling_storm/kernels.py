@@ -71,33 +71,24 @@ def selective_scan_with_state(
     dtype = u.dtype
     delta = delta.float() if delta_bias is None else delta.float() + delta_bias.float()[:, None]
     delta = F.softplus(delta) if delta_softplus else delta  # (b, d, l)
-    u, B, C = [u.float()], [B.float()], [C.float()]
-    deltas = [delta]
     one_hot = torch.eye(num_states, device=delta.device).expand(batch, num_states, num_states)  # (b, n, n)
-    no_states = delta.new_zeros(batch, num_states, num_states)  # (b, n, n)
-    if initial_state is not None:  # entry steps: (b, d, n) read as n time steps
-        u.insert(0, initial_state.float() / _ENTRY_DELTA)
-        deltas.insert(0, delta.new_full((batch, dim, num_states), _ENTRY_DELTA))
-        B.insert(0, one_hot)
-        C.insert(0, no_states)
-    if return_last_state:  # exit steps
-        u.append(delta.new_zeros(batch, dim, num_states))
-        deltas.append(delta.new_zeros(batch, dim, num_states))
-        B.append(no_states)
-        C.append(one_hot)
-    out = scan_fn(
-        torch.cat(u, dim=-1),
-        torch.cat(deltas, dim=-1),
-        A,
-        torch.cat(B, dim=-1).contiguous(),
-        torch.cat(C, dim=-1).contiguous(),
-        D=D,
-        delta_softplus=False,
-    )  # (b, d, [n +] l [+ n]) float32
-    start = 0 if initial_state is None else num_states
+    nothing = delta.new_zeros(batch, num_states, num_states)  # (b, n, n)
+    zeros = delta.new_zeros(batch, dim, num_states)  # (b, d, n)
+    entry = initial_state is not None
+    # (u, Δ, B, C) of the entry steps (an initial state, (b, d, n), read as n time steps) and of the exit steps
+    before = [(initial_state.float() / _ENTRY_DELTA, torch.full_like(zeros, _ENTRY_DELTA), one_hot, nothing)] if entry else []
+    after = [(zeros, zeros, nothing, one_hot)] if return_last_state else []
+    inputs = [
+        torch.cat([*(steps[i] for steps in before), chunk, *(steps[i] for steps in after)], dim=-1).contiguous()
+        for i, chunk in enumerate((u.float(), delta, B.float(), C.float()))
+    ]  # u, Δ (b, d, [n +] l [+ n]); B, C (b, n, [n +] l [+ n]); float32
+    del delta
+    out = scan_fn(*inputs[:2], A, *inputs[2:], D=D, delta_softplus=False)  # (b, d, [n +] l [+ n]) float32
+    del inputs
+    start = num_states if entry else 0
     y = out[..., start : start + length]
     if z is not None:
         y = y * F.silu(z.float())
     if not return_last_state:
         return y.to(dtype)
-    return y.to(dtype), out[..., start + length :]
+    return y.to(dtype), out[..., start + length :].contiguous()  # a copy: the chunk's output is not kept alive

@@ -167,8 +167,8 @@ class StormMambaMixer(nn.Module):
             y, h = selective_scan(x, dt, A, B, C, **scan, initial_state=initial, return_last_state=True)
         else:
             y, h = selective_scan_with_state(scan_kernel, x, dt, A, B, C, **scan, initial_state=initial, return_last_state=True)
-        conv_state = conv_inputs[..., conv_inputs.shape[-1] - conv1d.padding[0] :]  # (B, E, K-1): last inputs
-        return y, StormScanState(conv=conv_state, ssm=h)
+        conv_state = conv_inputs[..., conv_inputs.shape[-1] - conv1d.padding[0] :].clone()  # (B, E, K-1): a copy,
+        return y, StormScanState(conv=conv_state, ssm=h)  # so that the carried state does not keep the chunk alive
 
 
 class StormMambaLayer(GradientCheckpointingLayer):
