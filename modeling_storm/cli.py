@@ -17,6 +17,8 @@ from pathlib import Path
 import conversion.cli
 import training.cli
 
+from . import streaming
+
 # The miniature STORM that ships in the repository (docs/miniature.md); found from an editable install or a clone.
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "checkpoints" / "storm-tiny-synthetic")
 
@@ -105,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=generate)
     conversion.cli.register(commands)
     training.cli.register(commands)
+    streaming.register(commands)
     return parser
 
 
