@@ -2,6 +2,7 @@
 
     storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F] [--max-new-tokens M]
                    (default model: the miniature STORM trained on synthetic clips, checkpoints/storm-tiny-synthetic)
+    storm stream --model DIR --video FILE --questions Q.jsonl [--speed X] [--fps F]      (streaming.py)
     storm fetch-assets [--output assets] [--with-llm]          (conversion/cli.py)
     storm build-tiny-random [--output assets/storm-tiny-random]
     storm train --config training/configs/sft_lora.yaml [--flag value …]      (training/cli.py)

@@ -178,7 +178,9 @@ class StormStreamingSession:
             frames = [frames]  # one PIL image
         if len(frames) == 0:
             raise ValueError("append() got no frames: pass at least one frame.")
-        processed = self.processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")
+        processed = self.processor.video_processor(
+            videos=[frames], do_sample_frames=False, return_tensors="pt", device=self.model.device
+        )  # resized and normalised on the model's device
         return processed["pixel_values_videos"][0]
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -379,7 +381,12 @@ def stream_command(args) -> None:
 
     import processing_storm  # noqa: F401  (registers the processor classes)
 
+    from huggingface_hub import ModelCard
+
     questions = read_questions(args.questions)
+    card = os.path.join(args.model, "README.md")
+    if os.path.exists(card) and "random-weights" in (ModelCard.load(card).data.tags or []):
+        print(f"NOTE: {args.model} has random (untrained) weights: the answers below are noise, not understanding.")
     processor = AutoProcessor.from_pretrained(args.model)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=args.dtype).to(args.device)
     session = StormStreamingSession(model, processor, fps=args.fps)
