@@ -224,12 +224,17 @@ class StormModel(StormPreTrainedModel):
         if chunk_size < 1:
             raise ValueError(f"vision_chunk_size={chunk_size} must be a positive number of frames.")
         device, dtype = self.vision_tower.device, self.vision_tower.dtype
-        chunks = []
+        tokens = None
         for start in range(0, frames.shape[0], chunk_size):
             pixels = frames[start : start + chunk_size].to(device, dtype)  # (F_c, 3, H, W)
             patches = vision_hidden_state(self.vision_tower, pixels, self.config.vision_feature_layer)  # (F_c, P, C)
-            chunks.append(self.multi_modal_projector(patches))  # (F_c, N, D)
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # (F, N, D)
+            chunk = self.multi_modal_projector(patches)  # (F_c, N, D)
+            if start == 0 and len(pixels) == frames.shape[0]:
+                return chunk
+            if tokens is None:  # written in place, chunk by chunk: no list of chunks to concatenate (a second copy)
+                tokens = chunk.new_empty(frames.shape[0], *chunk.shape[1:])  # (F, N, D)
+            tokens[start : start + len(pixels)] = chunk
+        return tokens
 
     def _scan_chunk_frames(self, frames: int, tokens_per_frame: int, pool_size: int) -> int:
         """Frames per chunk of the temporal encoder's scan: `temporal_encoder_config.chunk_size` tokens rounded down to

@@ -141,20 +141,14 @@ class StormMambaMixer(nn.Module):
         # start: the conv's own causal padding); the torch scan takes the state as `initial_state` and returns the
         # last one; mamba_ssm's kernel, which has neither, gets both from `selective_scan_with_state` (kernels.py),
         # which loads h0 and reads h out through N extra time steps of the same kernel: exact, gradients included.
-        kernels = mamba_kernels() if x.is_cuda and self.config.use_mamba_kernels else (None, None)
-        scan_kernel, conv_fn = kernels
+        scan_kernel, conv_fn = mamba_kernels() if x.is_cuda and self.config.use_mamba_kernels else (None, None)
         carried = state is not None or return_state
         if carried:
             previous = x.new_zeros(*x.shape[:2], conv1d.padding[0]) if state is None else state.conv.to(x.dtype)
-            x = torch.cat([previous, x], dim=-1)  # (B, E, K-1+c)
-        conv_inputs = x
-        if conv_fn is not None:
-            x = conv_fn(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")  # (B, E, c)
-        else:  # in float32 like the kernel, so both round once; causal: output t sees inputs t-K+1..t
-            out = F.conv1d(x.float(), conv1d.weight.float(), conv1d.bias.float(), padding=conv1d.padding, groups=conv1d.groups)
-            x = F.silu(out[..., : x.shape[-1]]).to(x.dtype)  # (B, E, c)
-        if carried:
-            x = x[..., conv1d.padding[0] :]  # (B, E, c): the chunk's own outputs
+            conv_inputs = torch.cat([previous, x], dim=-1)  # (B, E, K-1+c)
+            x = _causal_conv(conv_inputs, conv1d, conv_fn)[..., conv1d.padding[0] :]  # (B, E, c): the chunk's outputs
+        else:
+            x = _causal_conv(x, conv1d, conv_fn)  # (B, E, c)
         dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.state_size, self.state_size], dim=-1)
         dt = dt_proj.weight @ dt.transpose(1, 2)  # (B, E, c); the bias is added inside the scan
         A = -torch.exp(A_log.float())  # (E, N)
@@ -169,6 +163,15 @@ class StormMambaMixer(nn.Module):
             y, h = selective_scan_with_state(scan_kernel, x, dt, A, B, C, **scan, initial_state=initial, return_last_state=True)
         conv_state = conv_inputs[..., conv_inputs.shape[-1] - conv1d.padding[0] :].clone()  # (B, E, K-1): a copy,
         return y, StormScanState(conv=conv_state, ssm=h)  # so that the carried state does not keep the chunk alive
+
+
+def _causal_conv(x: torch.Tensor, conv1d: nn.Conv1d, conv_fn) -> torch.Tensor:
+    """Causal depthwise convolution + SiLU, `(B, E, c)` → `(B, E, c)`: output t sees inputs t-K+1..t (zeros before
+    the first). causal_conv1d's kernel when given, else torch in float32 like the kernel, so that both round once."""
+    if conv_fn is not None:
+        return conv_fn(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")
+    out = F.conv1d(x.float(), conv1d.weight.float(), conv1d.bias.float(), padding=conv1d.padding, groups=conv1d.groups)
+    return F.silu(out[..., : x.shape[-1]]).to(x.dtype)
 
 
 class StormMambaLayer(GradientCheckpointingLayer):
