@@ -138,7 +138,7 @@ class StormConfig(PreTrainedConfig):
         vision_chunk_size (`int`, *optional*, defaults to 32):
             Frames (or images) per vision tower call: a video's frames go through the vision tower and the projector
             this many at a time, so that the vision tower's activations do not grow with the video. It changes
-            memory and speed, never the features. Our choice.
+            memory and speed, not the features (equal to 1e-6 in float32). Our choice.
         downsample_factor (`int`, *optional*, defaults to 2):
             Side of the space-to-channel downsample: each `f×f` patch neighbourhood is concatenated along channels
             (1024 patches of 1152 ch → 256 tokens of 4608 ch at 448 px), then a Linear maps to the LLM width. Odd
