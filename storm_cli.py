@@ -7,6 +7,7 @@ transformers, so `storm --help` and flag errors answer at once; each subcommand 
     storm build-tiny-random [--output assets/storm-tiny-random]
     storm convert {compose,vila,gguf} …
     storm train --config training/configs/sft_lora.yaml [--flag value …]              (training/cli.py)
+    storm stream --model DIR --video FILE --questions Q.jsonl [--speed X] [--fps F]   (modeling_storm/streaming.py)
 
 Each package adds its subcommands with a `register(subparsers)` function that imports nothing heavy. A flag value
 that cannot be right (`--num-frames 0`, `--fps -1`, `--dtype banana`) is an argparse error that names the flag, the
@@ -34,6 +35,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one >= 1") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (a playback speed, where 0 means as fast as possible)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give one >= 0") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
     return value
 
 
@@ -83,7 +95,25 @@ def _parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_run("modeling_storm.cli", "generate"))
     conversion.cli.register(commands)
     training.cli.register(commands)
+    _register_stream(commands)
     return parser
+
+
+def _register_stream(commands) -> None:
+    stream = commands.add_parser(
+        "stream", help="play a video as a live stream into a uni-directional STORM, asking questions at their times"
+    )
+    stream.add_argument("--model", required=True, help="checkpoint folder of a uni-directional STORM")
+    stream.add_argument("--video", required=True, help="video file, played from its start")
+    stream.add_argument("--questions", required=True, help='JSONL file: one {"time": seconds, "question": text} per line')
+    stream.add_argument(
+        "--speed", type=non_negative_float, default=1.0, help="playback speed: 1 = real time, 4 = 4× faster, 0 = no waiting"
+    )
+    stream.add_argument("--fps", type=positive_float, help="frames per second of video kept (default: every frame)")
+    stream.add_argument("--max-new-tokens", type=positive_int, default=64)
+    stream.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, … (default: cuda if present, else cpu)")
+    stream.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's)")
+    stream.set_defaults(run=_run("modeling_storm.streaming", "stream_command"))
 
 
 def main(argv: list[str] | None = None) -> int:

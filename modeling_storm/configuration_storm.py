@@ -76,6 +76,13 @@ class StormTemporalEncoderConfig(PreTrainedConfig):
             On CUDA tensors, run the scan with mamba_ssm's `selective_scan_fn` and the convolution with causal_conv1d's
             `causal_conv1d_fn` when those packages import (`pip install storm-transformers[cuda]`). `False` forces
             the torch path, which is the reference and runs everywhere.
+        chunk_size (`int`, *optional*, defaults to 32768):
+            Tokens per chunk of the scan (32768 = 128 frames of 256 tokens). A longer sequence is scanned chunk by
+            chunk with each direction's state carried across the chunk boundaries (forward scan left to right,
+            backward scan right to left), with the same result as one whole-sequence scan, so that memory holds the
+            D-wide residual stream of the whole video but the 2E-wide tensors of one chunk only. `None` scans the
+            whole sequence at once. `StormModel` rounds it down to whole groups of `temporal_pool_size` frames
+            (at least one group), so that each chunk is pooled as it leaves the last layer. Our choice.
     """
 
     model_type = "storm_temporal_encoder"
@@ -91,6 +98,7 @@ class StormTemporalEncoderConfig(PreTrainedConfig):
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     use_mamba_kernels: bool = True
+    chunk_size: int | None = 32768
 
     def __post_init__(self, **kwargs):
         # Types are checked by @strict on every assignment; the values are checked here.
@@ -141,6 +149,11 @@ class StormConfig(PreTrainedConfig):
             Mamba temporal encoder; its `hidden_size` is set to the LLM's.
         vision_feature_layer (`int`, *optional*, defaults to -2):
             Vision tower hidden state used as frame features (second to last layer, all patches; VILA's default).
+            Only the vision tower's layers up to that hidden state run.
+        vision_chunk_size (`int`, *optional*, defaults to 32):
+            Frames (or images) per vision tower call: a video's frames go through the vision tower and the projector
+            this many at a time, so that the vision tower's activations do not grow with the video. It changes
+            memory and speed, not the features (equal to 1e-6 in float32). Our choice.
         downsample_factor (`int`, *optional*, defaults to 2):
             Side of the space-to-channel downsample: each `f×f` patch neighbourhood is concatenated along channels
             (1024 patches of 1152 ch → 256 tokens of 4608 ch at 448 px), then a Linear maps to the LLM width. Odd
@@ -190,6 +203,7 @@ class StormConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     temporal_encoder_config: dict | PreTrainedConfig | None = None
     vision_feature_layer: int = -2
+    vision_chunk_size: int = 32
     downsample_factor: int = 2
     temporal_pool_size: int = 4
     spatial_pool_size: int = 1

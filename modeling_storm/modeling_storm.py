@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel, SiglipVisionModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import can_return_tuple
@@ -118,9 +118,36 @@ def spatial_pool(features: torch.Tensor, pool_size: int) -> torch.Tensor:
     return grid.mean(dim=(3, 5)).flatten(2, 3)
 
 
-def temporal_sample(features: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """Test-time temporal token sampling, paper Eq. 8: keep frames 0, s, 2s, …: `(B, T, N, D)` → `(B, ceil(T/s), N, D)`."""
-    return features[:, ::sample_rate]
+def temporal_sample(features: torch.Tensor, sample_rate: int, first_index: int = 0) -> torch.Tensor:
+    """Test-time temporal token sampling, paper Eq. 8: keep frames 0, s, 2s, … of the video: `(B, T, N, D)` →
+    `(B, ceil(T/s), N, D)`. For a chunk of a longer video whose first frame is frame `first_index` of the video, the
+    frames kept are those whose index in the video is a multiple of s."""
+    return features[:, -first_index % sample_rate :: sample_rate]
+
+
+def vision_hidden_state(vision_tower: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    """`vision_tower(pixel_values, output_hidden_states=True).hidden_states[layer]`, computed by running only the
+    patch embeddings and the encoder layers up to that hidden state (no later layer, no tuple of hidden states).
+
+    Args:
+        vision_tower (`SiglipVisionModel`): SigLIP's vision model (`embeddings`, `encoder.layers`).
+        pixel_values (`torch.Tensor` of shape `(frames, 3, H, W)`)
+        layer (`int`): index into the hidden states (0 = embeddings, i = output of encoder layer i; negative from
+            the end), `StormConfig.vision_feature_layer`.
+
+    Returns:
+        `torch.Tensor` of shape `(frames, P, C)`.
+    """
+    if not isinstance(vision_tower, SiglipVisionModel):
+        raise TypeError(
+            f"STORM's vision tower must be a SigLIP vision model (SiglipVisionModel), got {type(vision_tower).__name__}."
+            " Set vision_config to a 'siglip_vision_model' config."
+        )
+    layers = vision_tower.encoder.layers
+    hidden_states = vision_tower.embeddings(pixel_values)  # (F, P, C)
+    for encoder_layer in layers[: layer % (len(layers) + 1)]:
+        hidden_states = encoder_layer(hidden_states, None)  # (F, P, C); SigLIP's vision layers take no mask
+    return hidden_states
 
 
 class StormMultiModalProjector(nn.Module):
@@ -171,20 +198,65 @@ class StormModel(StormPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def _encode(self, pixel_values: torch.Tensor, is_video: bool) -> torch.Tensor:
-        """The STORM visual pipeline for a batch of equally long videos, `(B, T, 3, H, W)` → `(B, T', N', D)`."""
+        """The STORM visual pipeline for a batch of equally long videos, `(B, T, 3, H, W)` → `(B, T', N', D)`.
+
+        Memory does not grow with activations of the whole video: the vision tower and projector run on
+        `config.vision_chunk_size` frames at a time, the temporal encoder scans chunks of whole groups of k frames
+        with its state carried between them (updating the residual stream in place when autograd is not recording),
+        and each chunk is pooled and sampled as it leaves the last layer. The result equals one pass over the whole
+        video (tests/test_modeling_storm.py)."""
         batch, frames = pixel_values.shape[:2]
-        frames_flat = pixel_values.flatten(0, 1).to(self.vision_tower.dtype)  # (B·T, 3, H, W)
-        hidden_states = self.vision_tower(frames_flat, output_hidden_states=True).hidden_states
-        tokens = self.multi_modal_projector(hidden_states[self.config.vision_feature_layer])  # (B·T, N, D)
+        tokens = self._frame_tokens(pixel_values.flatten(0, 1))  # (B·T, N, D)
         tokens_per_frame = tokens.shape[1]
-        scan = self.temporal_encoder(tokens.view(batch, frames * tokens_per_frame, -1))  # (B, T·N, D), (t, row, col)
-        features = scan.view(batch, frames, tokens_per_frame, -1)  # (B, T, N, D)
-        if is_video and self.config.temporal_pool_size > 1:
-            features = temporal_pool(features, self.config.temporal_pool_size)  # (B, T/k, N, D)
+        pool_size = self.config.temporal_pool_size if is_video else 1
+        chunk_frames = self._scan_chunk_frames(frames, tokens_per_frame, pool_size)
+        sequence = tokens.view(batch, frames * tokens_per_frame, -1)  # (B, T·N, D), (t, row, col)
+        pooled = [
+            self._pool(chunk.view(batch, -1, tokens_per_frame, chunk.shape[-1]), start // tokens_per_frame, is_video)
+            for start, chunk in self.temporal_encoder.output_chunks(sequence, chunk_frames * tokens_per_frame)
+        ]  # each (B, T_c', N', D)
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)  # (B, T', N', D)
+
+    def _frame_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """Vision tower (up to `vision_feature_layer`) + downsample + Linear, `config.vision_chunk_size` frames at a
+        time: `(F, 3, H, W)` → `(F, N, D)`. Frames move to the vision tower's device and dtype one chunk at a time."""
+        chunk_size = self.config.vision_chunk_size
+        if chunk_size < 1:
+            raise ValueError(f"vision_chunk_size={chunk_size} must be a positive number of frames.")
+        device, dtype = self.vision_tower.device, self.vision_tower.dtype
+        tokens = None
+        for start in range(0, frames.shape[0], chunk_size):
+            pixels = frames[start : start + chunk_size].to(device, dtype)  # (F_c, 3, H, W)
+            patches = vision_hidden_state(self.vision_tower, pixels, self.config.vision_feature_layer)  # (F_c, P, C)
+            chunk = self.multi_modal_projector(patches)  # (F_c, N, D)
+            if start == 0 and len(pixels) == frames.shape[0]:
+                return chunk
+            if tokens is None:  # written in place, chunk by chunk: no list of chunks to concatenate (a second copy)
+                tokens = chunk.new_empty(frames.shape[0], *chunk.shape[1:])  # (F, N, D)
+            tokens[start : start + len(pixels)] = chunk
+        return tokens
+
+    def _scan_chunk_frames(self, frames: int, tokens_per_frame: int, pool_size: int) -> int:
+        """Frames per chunk of the temporal encoder's scan: `temporal_encoder_config.chunk_size` tokens rounded down to
+        whole groups of `pool_size` frames (at least one group); all `frames` when it is None."""
+        chunk_size = self.config.temporal_encoder_config.chunk_size
+        if chunk_size is None:
+            return frames
+        return max(chunk_size // (tokens_per_frame * pool_size), 1) * pool_size
+
+    def _pool(self, features: torch.Tensor, first_frame: int, is_video: bool) -> torch.Tensor:
+        """Temporal pooling (k), spatial pooling (p) and, in eval mode, temporal sampling (s) of frames `first_frame
+        …` of a video, `(B, T_c, N, D)` → `(B, T_c', N', D)`. `first_frame` and T_c are multiples of k, so pooling a
+        video chunk by chunk gives the pooled frames of the whole video, and sampling keeps the pooled frames whose
+        index in the whole video is a multiple of s."""
+        pool_size = self.config.temporal_pool_size if is_video else 1
+        if pool_size > 1:
+            features = temporal_pool(features, pool_size)  # (B, T_c/k, N, D)
         if self.config.spatial_pool_size > 1:
-            features = spatial_pool(features, self.config.spatial_pool_size)  # (B, T/k, N/p², D)
+            features = spatial_pool(features, self.config.spatial_pool_size)  # (B, T_c/k, N/p², D)
         if is_video and not self.training and self.config.temporal_sample_rate > 1:
-            features = temporal_sample(features, self.config.temporal_sample_rate)  # (B, ceil(T/k/s), N/p², D)
+            first_pooled = first_frame // pool_size
+            features = temporal_sample(features, self.config.temporal_sample_rate, first_pooled)  # (B, ~T_c/k/s, N/p², D)
         return features
 
     @can_return_tuple

@@ -10,6 +10,11 @@ B and C:
 
 Shapes (mamba_ssm's notation): u, delta, z `(batch, dim, seqlen)`; A `(dim, state)`; B, C `(batch, state, seqlen)`;
 D, delta_bias `(dim,)`. The scan runs in float32 and returns `(batch, dim, seqlen)` in the dtype of `u`.
+
+Both also take `initial_state` (h before the first step, `(batch, dim, state)`, zeros when None) and
+`return_last_state` (also return h after the last step, float32, with its gradient): a long sequence can then be
+scanned chunk by chunk, carrying h across the chunk boundaries, with the result of one whole-sequence scan.
+mamba_ssm's kernel has `return_last_state` (without a gradient) but no `initial_state`; `kernels.py` adds both to it.
 """
 
 import torch
@@ -37,7 +42,15 @@ def _finish(y, u, D, z, dtype):
     return y.to(dtype)
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def _initial_state(u, A, initial_state):
+    if initial_state is None:
+        return u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
+    return initial_state.float()
+
+
+def selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None, return_last_state=False
+):
     """Selective scan in torch, linear in `seqlen` in time and memory, forward and backward.
 
     The recurrence runs as a Python loop over time steps, a chunk of `SCAN_CHUNK_SIZE` steps at a time: exp(ΔA) and
@@ -45,15 +58,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     O(batch·dim·state). (A loop that indexes a full-length tensor per step, as transformers' `MambaMixer` slow path
     does, makes the backward quadratic: every slice's backward allocates a full-length gradient.)
 
-    Args: see the module docstring (mamba_ssm `selective_scan_fn` without `return_last_state`).
+    Args: see the module docstring (mamba_ssm `selective_scan_fn`, plus `initial_state`).
 
     Returns:
-        `torch.Tensor` of shape `(batch, dim, seqlen)`, dtype of `u`.
+        `torch.Tensor` of shape `(batch, dim, seqlen)`, dtype of `u`; with `return_last_state`, also the state after
+        the last step, `(batch, dim, state)` float32.
     """
     dtype = u.dtype
     u, delta = _discretize_inputs(u, delta, delta_bias, delta_softplus)
     A, B, C = A.float(), B.float(), C.float()
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
+    h = _initial_state(u, A, initial_state)  # (b, d, n)
     ys = []
     # `split` (one autograd node for all chunks), not per-chunk slicing: each slice's backward would allocate a
     # full-length gradient, which is quadratic again at chunk granularity.
@@ -66,10 +80,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             h = decay_t * h + impulse_t  # (b, d, n)
             states.append(h)
         ys.append(torch.einsum("bdcn,bnc->bdc", torch.stack(states, dim=2), C_c))  # (b, d, c)
-    return _finish(torch.cat(ys, dim=-1), u, D, z, dtype)
+    out = _finish(torch.cat(ys, dim=-1), u, D, z, dtype)
+    return (out, h) if return_last_state else out
 
 
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None, return_last_state=False
+):
     """Plain sequential reference of `selective_scan`: one time step per iteration, exactly the recurrence above.
 
     The test oracle for `selective_scan` and for the CUDA kernels (as mamba_ssm's own `selective_scan_ref`); not used
@@ -78,9 +95,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     dtype = u.dtype
     u, delta = _discretize_inputs(u, delta, delta_bias, delta_softplus)
     A, B, C = A.float(), B.float(), C.float()
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    h = _initial_state(u, A, initial_state)
     ys = []
     for t in range(u.shape[2]):
         h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
-    return _finish(torch.stack(ys, dim=2), u, D, z, dtype)
+    out = _finish(torch.stack(ys, dim=2), u, D, z, dtype)
+    return (out, h) if return_last_state else out

@@ -5,11 +5,18 @@ as one sequence: frames in time order, each frame row-major (left to right, top 
 (mamba_ssm's `Mamba`, parameter names kept) made bidirectional in the bimamba-v2 way: shared `in_proj`/`out_proj`, a
 second convolution + SSM (`conv1d_b`, `x_proj_b`, `dt_proj_b`, `A_b_log`, `D_b`) that scans the reversed sequence.
 
+Long videos are scanned in chunks of `config.chunk_size` tokens with each direction's state (SSM state h and the last
+`conv_kernel - 1` convolution inputs, `StormScanState`) carried across the chunk boundaries: the forward scan runs
+left to right, the backward scan right to left, and the result is that of one whole-sequence scan. Only the D-wide
+residual stream of the whole video is kept between layers; the 2E-wide tensors exist for one chunk at a time.
+
 Shape legend: B batch (videos), L scan length (frames × tokens per frame), D model width, E = expand·D inner width,
-N SSM state size, R rank of Δ.
+N SSM state size, R rank of Δ, K conv kernel, c tokens in a chunk.
 """
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +26,35 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_storm import StormTemporalEncoderConfig
-from .kernels import mamba_kernels
+from .kernels import mamba_kernels, selective_scan_with_state
 from .selective_scan import selective_scan
 
 # Δ initialisation of mamba_ssm's `Mamba` (dt_min, dt_max, dt_init_floor): Δ = softplus(dt_proj.bias) starts
 # log-uniform in [DT_MIN, DT_MAX].
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+@dataclass
+class StormScanState:
+    """What one scan direction of one layer carries across a chunk boundary (in that direction's scan order).
+
+    Attributes:
+        conv (`torch.Tensor` of shape `(B, E, K - 1)`): the last `conv_kernel - 1` inputs of the causal convolution.
+        ssm (`torch.Tensor` of shape `(B, E, N)`, float32): the SSM state h (paper Eq. 1).
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+def chunk_bounds(length: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    """`[(start, end), ...]` of consecutive chunks of `chunk_size` tokens covering `range(length)` (the last one may
+    be shorter); one chunk when `chunk_size` is None."""
+    if chunk_size is None or chunk_size >= length:
+        return [(0, length)]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens, or None for one chunk.")
+    return [(start, min(start + chunk_size, length)) for start in range(0, length, chunk_size)]
 
 
 def _ssm_parameters(config: StormTemporalEncoderConfig):
@@ -38,8 +68,9 @@ def _ssm_parameters(config: StormTemporalEncoderConfig):
     return conv1d, x_proj, dt_proj, A_log, D
 
 
+
 class StormMambaMixer(nn.Module):
-    """Bidirectional Mamba-1 mixer: `(B, L, D)` → `(B, L, D)`.
+    """Bidirectional Mamba-1 mixer: `(B, L, D)` → `(B, L, D)`, for a whole sequence or one chunk of it.
 
     Forward direction as mamba_ssm `Mamba.forward` (non-fused path): `in_proj` → x, z; causal depthwise conv + SiLU;
     `x_proj` → Δ, B, C; selective scan gated by SiLU(z). The backward direction runs the same on the flipped x, z with
@@ -66,39 +97,81 @@ class StormMambaMixer(nn.Module):
             return [forward]
         return [forward, (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)]
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
-        forward, *backward = self.directions()
-        y = self._scan(x, z, *forward)  # (B, E, L)
-        if backward:
-            y_b = self._scan(x.flip(-1), z.flip(-1), *backward[0]).flip(-1)  # (B, E, L), back in forward order
-            y = y + y_b if self.merge == "sum" else (y + y_b) / 2
-        return self.out_proj(y.transpose(1, 2))  # (B, L, D)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        state: StormScanState | None = None,
+        backward_state: StormScanState | None = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, StormScanState | None]:
+        """Mix one chunk of the (normalised) sequence.
 
-    def _scan(self, x, z, conv1d, x_proj, dt_proj, A_log, D):
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, c, D)`): the chunk (the whole sequence when unchunked).
+            state (`StormScanState`, *optional*): the forward scan's state entering the chunk from the left; None
+                when the chunk starts the sequence.
+            backward_state (`StormScanState`, *optional*): the backward scan's state entering the chunk from the
+                right (`backward_state` of the next chunk); None when the chunk ends the sequence.
+            return_state (`bool`): also return the forward scan's state after the chunk.
+
+        Returns:
+            The mixer output `(B, c, D)`, and the forward scan's state after the chunk (None when no state is carried
+            in or asked for: a whole sequence at once).
+        """
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, E, c) each
+        forward, *backward = self.directions()
+        y, state = self._scan(x, z, *forward, state=state, return_state=return_state)  # (B, E, c)
+        if backward:
+            y_b, _ = self._scan(x.flip(-1), z.flip(-1), *backward[0], state=backward_state)
+            y_b = y_b.flip(-1)  # (B, E, c), back in forward order
+            y = y + y_b if self.merge == "sum" else (y + y_b) / 2
+        return self.out_proj(y.transpose(1, 2)), state  # (B, c, D)
+
+    def backward_scan_state(self, hidden_states: torch.Tensor, state: StormScanState | None) -> StormScanState:
+        """The backward scan's state after reading the chunk `(B, c, D)` right to left, starting from `state`."""
+        x = F.linear(hidden_states, self.in_proj.weight[: self.config.intermediate_size])  # (B, c, E): z only gates y
+        return self._scan(x.transpose(1, 2).flip(-1), None, *self.directions()[1], state=state, return_state=True)[1]
+
+    def _scan(self, x, z, conv1d, x_proj, dt_proj, A_log, D, state=None, return_state=False):
+        """Causal conv + selective scan of one direction over x, z `(B, E, c)` in scan order → y `(B, E, c)` and
+        the state after the chunk (None unless a state is carried in or `return_state`)."""
         # The one dispatch point: mamba_ssm / causal_conv1d kernels for CUDA tensors when they import and
         # `use_mamba_kernels` is on; otherwise the torch spec. Both compute the same thing (tests/test_kernels.py).
-        kernels = mamba_kernels() if x.is_cuda and self.config.use_mamba_kernels else (None, None)
-        scan_fn, conv_fn = kernels[0] or selective_scan, kernels[1]
-        if conv_fn is not None:
-            x = conv_fn(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")  # (B, E, L)
-        else:  # in float32 like the kernel, so both round once; causal: output t sees inputs t-K+1..t
-            out = F.conv1d(x.float(), conv1d.weight.float(), conv1d.bias.float(), padding=conv1d.padding, groups=conv1d.groups)
-            x = F.silu(out[..., : x.shape[-1]]).to(x.dtype)  # (B, E, L)
+        # A chunk with a state carried in or out: the conv reads the last K-1 inputs before the chunk (zeros at the
+        # start: the conv's own causal padding); the torch scan takes the state as `initial_state` and returns the
+        # last one; mamba_ssm's kernel, which has neither, gets both from `selective_scan_with_state` (kernels.py),
+        # which loads h0 and reads h out through N extra time steps of the same kernel: exact, gradients included.
+        scan_kernel, conv_fn = mamba_kernels() if x.is_cuda and self.config.use_mamba_kernels else (None, None)
+        carried = state is not None or return_state
+        if carried:
+            previous = x.new_zeros(*x.shape[:2], conv1d.padding[0]) if state is None else state.conv.to(x.dtype)
+            conv_inputs = torch.cat([previous, x], dim=-1)  # (B, E, K-1+c)
+            x = _causal_conv(conv_inputs, conv1d, conv_fn)[..., conv1d.padding[0] :]  # (B, E, c): the chunk's outputs
+        else:
+            x = _causal_conv(x, conv1d, conv_fn)  # (B, E, c)
         dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.state_size, self.state_size], dim=-1)
-        dt = dt_proj.weight @ dt.transpose(1, 2)  # (B, E, L); the bias is added inside the scan
+        dt = dt_proj.weight @ dt.transpose(1, 2)  # (B, E, c); the bias is added inside the scan
         A = -torch.exp(A_log.float())  # (E, N)
-        return scan_fn(
-            x,
-            dt,
-            A,
-            B.transpose(1, 2).contiguous(),  # (B, N, L)
-            C.transpose(1, 2).contiguous(),  # (B, N, L)
-            D=D.float(),
-            z=z,
-            delta_bias=dt_proj.bias.float(),
-            delta_softplus=True,
-        )
+        B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (B, N, c)
+        scan = dict(D=D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True)
+        if not carried:
+            return (scan_kernel or selective_scan)(x, dt, A, B, C, **scan), None
+        initial = None if state is None else state.ssm
+        if scan_kernel is None:
+            y, h = selective_scan(x, dt, A, B, C, **scan, initial_state=initial, return_last_state=True)
+        else:
+            y, h = selective_scan_with_state(scan_kernel, x, dt, A, B, C, **scan, initial_state=initial, return_last_state=True)
+        conv_state = conv_inputs[..., conv_inputs.shape[-1] - conv1d.padding[0] :].clone()  # (B, E, K-1): a copy,
+        return y, StormScanState(conv=conv_state, ssm=h)  # so that the carried state does not keep the chunk alive
+
+
+def _causal_conv(x: torch.Tensor, conv1d: nn.Conv1d, conv_fn) -> torch.Tensor:
+    """Causal depthwise convolution + SiLU, `(B, E, c)` → `(B, E, c)`: output t sees inputs t-K+1..t (zeros before
+    the first). causal_conv1d's kernel when given, else torch in float32 like the kernel, so that both round once."""
+    if conv_fn is not None:
+        return conv_fn(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")
+    out = F.conv1d(x.float(), conv1d.weight.float(), conv1d.bias.float(), padding=conv1d.padding, groups=conv1d.groups)
+    return F.silu(out[..., : x.shape[-1]]).to(x.dtype)
 
 
 class StormMambaLayer(GradientCheckpointingLayer):
@@ -109,8 +182,38 @@ class StormMambaLayer(GradientCheckpointingLayer):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = StormMambaMixer(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states + self.mixer(self.norm(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """The layer over the whole sequence, scanned in chunks of `chunk_size` tokens (None: one chunk)."""
+        outputs = [out for _, out in self.chunks(hidden_states, chunk_size)]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (B, L, D)
+
+    def chunks(self, hidden_states: torch.Tensor, chunk_size: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield `(start, output chunk (B, c, D))` left to right, each equal to `forward(hidden_states)[:, start:
+        start + c]`. Tokens of `hidden_states` before `start + c` are not read after that chunk is yielded, so a
+        caller may overwrite them with it (the residual stream updated in place)."""
+        bounds = chunk_bounds(hidden_states.shape[1], chunk_size)
+        backward_states = self._backward_states(hidden_states, bounds)
+        state = None
+        for index, ((start, end), backward_state) in enumerate(zip(bounds, backward_states)):
+            chunk = hidden_states[:, start:end]  # (B, c, D)
+            out, state = self.mixer(self.norm(chunk), state, backward_state, return_state=index + 1 < len(bounds))
+            yield start, chunk + out
+
+    def forward_chunk(self, hidden_states: torch.Tensor, state: StormScanState | None) -> tuple[torch.Tensor, StormScanState]:
+        """The next chunk `(B, c, D)` of a causal (uni-directional) layer, after the chunks that left `state`."""
+        out, state = self.mixer(self.norm(hidden_states), state, return_state=True)
+        return hidden_states + out, state
+
+    def _backward_states(self, hidden_states, bounds) -> list[StormScanState | None]:
+        """The backward scan's state entering each chunk from the right (None for the last chunk): one right-to-left
+        sweep that keeps only these states, so that each chunk can then be mixed in both directions at once."""
+        states = [None] * len(bounds)
+        if not self.mixer.bidirectional:
+            return states
+        for index in range(len(bounds) - 1, 0, -1):
+            start, end = bounds[index]
+            states[index - 1] = self.mixer.backward_scan_state(self.norm(hidden_states[:, start:end]), states[index])
+        return states
 
 
 class StormTemporalEncoder(PreTrainedModel):
@@ -135,11 +238,56 @@ class StormTemporalEncoder(PreTrainedModel):
         self.layers = nn.ModuleList([StormMambaLayer(config) for _ in range(config.num_hidden_layers)])
         self.post_init()
 
-    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """`(B, L, D)` → `(B, L, D)`, scanned in chunks of `chunk_size` tokens (default `config.chunk_size`)."""
+        chunk_size = chunk_size or self.config.chunk_size
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states)
+            hidden_states = layer(hidden_states, chunk_size)
         return hidden_states
+
+    def output_chunks(self, hidden_states: torch.Tensor, chunk_size: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield the encoder output chunk by chunk, left to right: `(start, (B, c, D))`, `c = chunk_size` tokens
+        (default `config.chunk_size`; the last chunk may be shorter).
+
+        When autograd is not recording, `hidden_states` is the residual stream: the layers before the last overwrite
+        it in place, chunk by chunk, and the last layer's output is only yielded, so that no second copy of the
+        video's tokens is made (pool each chunk as it comes). When autograd is recording, it runs as `forward`
+        (gradient checkpointing included) and leaves `hidden_states` as it is.
+        """
+        chunk_size = chunk_size or self.config.chunk_size
+        if torch.is_grad_enabled() or not self.layers:
+            output = self(hidden_states, chunk_size)
+            for start, end in chunk_bounds(output.shape[1], chunk_size):
+                yield start, output[:, start:end]
+            return
+        for layer in self.layers[:-1]:
+            for start, out in layer.chunks(hidden_states, chunk_size):
+                hidden_states[:, start : start + out.shape[1]] = out
+        yield from self.layers[-1].chunks(hidden_states, chunk_size)
+
+    def forward_chunk(
+        self, hidden_states: torch.Tensor, states: list[StormScanState] | None = None
+    ) -> tuple[torch.Tensor, list[StormScanState]]:
+        """Encode the next chunk `(B, c, D)` of a sequence, streaming: every layer continues from its forward scan's
+        state after the previous chunks (`states`, one per layer; None for the first chunk) and returns the new states.
+        Chunk by chunk, the outputs equal `forward` on the whole sequence.
+
+        Raises:
+            ValueError: the encoder is bidirectional, whose backward scan needs the chunks that have not come yet.
+        """
+        if self.config.bidirectional and self.layers:
+            raise ValueError(
+                "A bidirectional temporal encoder cannot encode a sequence chunk by chunk as it arrives: its backward "
+                "scan reads every token from the end of the video, which has not arrived yet. Use a uni-directional "
+                "model (temporal_encoder_config.bidirectional=False, paper Table 7)."
+            )
+        states = states or [None] * len(self.layers)
+        new_states = []
+        for layer, state in zip(self.layers, states):
+            hidden_states, state = layer.forward_chunk(hidden_states, state)
+            new_states.append(state)
+        return hidden_states, new_states
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -178,4 +326,4 @@ def _init_ssm(conv1d, dt_proj, A_log, D, dt_rank):
     init.copy_(dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
 
-__all__ = ["StormTemporalEncoder", "StormMambaLayer", "StormMambaMixer"]
+__all__ = ["StormTemporalEncoder", "StormMambaLayer", "StormMambaMixer", "StormScanState"]

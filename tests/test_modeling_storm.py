@@ -4,7 +4,7 @@ from storm_testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, enable_checkpointing, 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from modeling_storm import StormConfig, StormForConditionalGeneration, StormModel
-from modeling_storm.modeling_storm import space_to_channel, spatial_pool, temporal_pool, temporal_sample
+from modeling_storm.modeling_storm import space_to_channel, spatial_pool, temporal_pool, temporal_sample, vision_hidden_state
 
 
 def build(config: StormConfig, seed: int = 0) -> StormForConditionalGeneration:
@@ -203,3 +203,105 @@ def test_video_longer_than_the_context_raises_with_both_numbers():
     inputs = video_inputs(config, num_frames=20)  # 80 visual + 5 text tokens
     with pytest.raises(ValueError, match=r"85 tokens long, 80 of them visual, .* context is 64 .* at most 14 frames"):
         model(**inputs)
+
+
+def unchunked_features(model, pixel_values_videos):
+    """The visual pipeline as one pass over the whole video (the code before chunking): the vision tower with all its
+    hidden states, the temporal encoder over the whole sequence at once, then pooling and sampling."""
+    config, inner = model.config, model.model
+    batch, frames = pixel_values_videos.shape[:2]
+    hidden_states = inner.vision_tower(pixel_values_videos.flatten(0, 1), output_hidden_states=True).hidden_states
+    tokens = inner.multi_modal_projector(hidden_states[config.vision_feature_layer])
+    sequence = tokens.view(batch, frames * tokens.shape[1], -1)
+    features = inner.temporal_encoder(sequence, chunk_size=sequence.shape[1]).view(batch, frames, tokens.shape[1], -1)
+    if config.temporal_pool_size > 1:
+        features = temporal_pool(features, config.temporal_pool_size)
+    if config.spatial_pool_size > 1:
+        features = spatial_pool(features, config.spatial_pool_size)
+    if not model.training and config.temporal_sample_rate > 1:
+        features = features[:, :: config.temporal_sample_rate]
+    return features
+
+
+@pytest.mark.parametrize("layer", [-3, -2, -1, 0, 1, 2])
+def test_vision_tower_stops_at_the_feature_layer(layer):
+    """Embeddings + the encoder layers up to `vision_feature_layer` = the tower's `hidden_states[layer]` (2 layers:
+    hidden states -3..2), with no later layer run."""
+    tower = build(tiny_config()).model.vision_tower
+    pixels = torch.randn(3, 3, 32, 32)
+    expected = tower(pixels, output_hidden_states=True).hidden_states[layer]
+    calls = []
+    hooks = [encoder_layer.register_forward_hook(lambda *args, index=i: calls.append(index)) for i, encoder_layer in enumerate(tower.encoder.layers)]
+    features = vision_hidden_state(tower, pixels, layer)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
+    assert calls == list(range(layer % 3))
+
+
+@pytest.mark.parametrize(
+    "frames, k, p, s, vision_chunk, scan_chunk",
+    [(12, 2, 1, 1, 5, 40), (12, 3, 2, 2, 7, 100), (16, 2, 2, 3, 3, 64), (5, 1, 1, 2, 2, 32), (8, 4, 1, 1, 8, None)],
+)
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("training", [False, True])
+def test_chunked_pipeline_equals_one_pass_over_the_video(frames, k, p, s, vision_chunk, scan_chunk, bidirectional, training):
+    """Vision tower in chunks of `vision_chunk` frames (not dividing T), scan in chunks of whole k-frame groups
+    (`scan_chunk` tokens rounded down; 16 tokens per frame), each chunk pooled and sampled by its frames' index in the
+    video: the features of one pass over the whole video."""
+    config = tiny_config(image_size=64, temporal_pool_size=k, spatial_pool_size=p, temporal_sample_rate=s, bidirectional=bidirectional)
+    config.vision_chunk_size, config.temporal_encoder_config.chunk_size = vision_chunk, scan_chunk
+    model = build(config).train(training)
+    pixels = video_inputs(config, num_frames=frames, batch_size=2)["pixel_values_videos"]
+    with torch.no_grad():  # inference: the residual stream is updated in place
+        features = model.get_video_features(pixels).pooler_output
+        expected = unchunked_features(model, pixels)
+    assert features.shape == (2, config.num_video_tokens(frames, training=training), 32)
+    torch.testing.assert_close(features, expected.flatten(1, 2), rtol=0, atol=1e-5)
+    if training:  # with autograd recording too
+        torch.testing.assert_close(model.get_video_features(pixels).pooler_output, features, rtol=0, atol=1e-6)
+
+
+def test_scan_chunks_are_whole_groups_of_k_frames():
+    model = build(tiny_config(image_size=64, temporal_pool_size=4))  # 16 tokens per frame
+    assert model.model._scan_chunk_frames(4096, 16, 4) == 32768 // 64 * 4
+    model.config.temporal_encoder_config.chunk_size = 100  # 6.25 frames: one group of 4
+    assert model.model._scan_chunk_frames(4096, 16, 4) == 4
+    model.config.temporal_encoder_config.chunk_size = 10  # less than a group: still one group
+    assert model.model._scan_chunk_frames(4096, 16, 4) == 4
+    model.config.temporal_encoder_config.chunk_size = None
+    assert model.model._scan_chunk_frames(4096, 16, 4) == 4096
+
+
+def test_chunked_training_gives_the_unchunked_gradients():
+    config = tiny_config(image_size=64, temporal_pool_size=2)
+    model = build(config).train()
+    inputs = video_inputs(config, num_frames=8, training=True)
+    labels = inputs["input_ids"].clone()
+    labels[labels == VIDEO_TOKEN_ID] = -100
+
+    def gradients(vision_chunk, scan_chunk):
+        model.zero_grad()
+        config.vision_chunk_size, config.temporal_encoder_config.chunk_size = vision_chunk, scan_chunk
+        model(**inputs, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    whole, chunked = gradients(100, None), gradients(3, 40)
+    assert whole.keys() == chunked.keys()
+    for name, grad in whole.items():
+        torch.testing.assert_close(chunked[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_frames_move_to_the_vision_tower_one_chunk_at_a_time():
+    """float64 frames (or frames on another device) are converted per chunk of `vision_chunk_size` frames: the same
+    features as frames converted beforehand."""
+    model = build(tiny_config())
+    pixels = video_inputs(model.config, num_frames=6)["pixel_values_videos"]
+    model.config.vision_chunk_size = 4
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.get_video_features(pixels.double()).pooler_output, model.get_video_features(pixels).pooler_output
+        )
+    model.config.vision_chunk_size = 0
+    with pytest.raises(ValueError, match="vision_chunk_size=0 must be a positive number of frames"):
+        model.get_video_features(pixels)

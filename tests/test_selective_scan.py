@@ -81,3 +81,51 @@ def test_backward_work_is_linear_in_sequence_length():
     # The counter does see quadratic work: the one-step-per-iteration reference indexes full-length tensors.
     ref_ratio = _backward_work(selective_scan_ref, 512) / _backward_work(selective_scan_ref, 128)
     assert ref_ratio > 10, ref_ratio
+
+
+def _chunk(inputs: dict, start: int, end: int) -> dict:
+    """The time steps start..end-1 of scan inputs (A, D, delta_bias have no time axis)."""
+    return {key: value[..., start:end] if key in ("u", "delta", "B", "C", "z") else value for key, value in inputs.items()}
+
+
+def _scan_in_chunks(scan, inputs: dict, bounds, initial_state=None):
+    outputs, state = [], initial_state
+    for start, end in bounds:
+        out, state = scan(**_chunk(inputs, start, end), delta_softplus=True, initial_state=state, return_last_state=True)
+        outputs.append(out)
+    return torch.cat(outputs, dim=-1), state
+
+
+@pytest.mark.parametrize("scan", [selective_scan, selective_scan_ref])
+@pytest.mark.parametrize("bounds", [[(0, 150), (150, 300)], [(0, 1), (1, 129), (129, 300)], [(0, 97), (97, 194), (194, 291), (291, 300)]])
+def test_scan_in_chunks_with_the_state_carried_equals_one_scan(scan, bounds):
+    inputs = scan_inputs(seqlen=300)
+    whole, last = scan(**inputs, delta_softplus=True, return_last_state=True)
+    chunked, chunked_last = _scan_in_chunks(scan, inputs, bounds)
+    assert last.shape == (2, 6, 4) and last.dtype == torch.float32
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked_last, last, rtol=0, atol=1e-5)
+
+
+def test_initial_state_is_the_state_before_the_first_step():
+    inputs = scan_inputs(seqlen=40)
+    h0 = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(3))
+    out, last = selective_scan(**inputs, delta_softplus=True, initial_state=h0, return_last_state=True)
+    ref, ref_last = selective_scan_ref(**inputs, delta_softplus=True, initial_state=h0, return_last_state=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(last, ref_last, rtol=0, atol=1e-5)
+    zero_state = selective_scan(**inputs, delta_softplus=True)
+    assert (out - zero_state).abs().max() > 1e-2  # the initial state does change the output
+
+
+def test_gradients_flow_through_the_carried_state():
+    inputs = scan_inputs(seqlen=200, requires_grad=True)
+    h0 = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    grad_out = torch.randn(2, 6, 200, generator=torch.Generator().manual_seed(1))
+    leaves = [*inputs.values(), h0]
+    whole, last = selective_scan(**inputs, delta_softplus=True, initial_state=h0, return_last_state=True)
+    grads = torch.autograd.grad((whole * grad_out).sum() + last.sum(), leaves)
+    chunked, chunked_last = _scan_in_chunks(selective_scan, inputs, [(0, 70), (70, 141), (141, 200)], initial_state=h0)
+    chunked_grads = torch.autograd.grad((chunked * grad_out).sum() + chunked_last.sum(), leaves)
+    for name, grad, chunked_grad in zip([*inputs, "initial_state"], grads, chunked_grads):
+        torch.testing.assert_close(chunked_grad, grad, rtol=1e-4, atol=1e-4, msg=name)

@@ -2,10 +2,11 @@ import math
 
 import pytest
 import torch
-from storm_testing import enable_checkpointing, tiny_config
+from storm_testing import enable_checkpointing
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig
-from modeling_storm.temporal_encoder import StormMambaMixer
+from modeling_storm.temporal_encoder import StormMambaMixer, chunk_bounds
 
 
 def encoder(**kwargs) -> StormTemporalEncoder:
@@ -58,7 +59,7 @@ def test_projections_follow_mamba_ssm_initialisation_scale():
         assert linear.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)  # uniform: std = bound / √3
     x = torch.randn(2, 64, 16)
     with torch.no_grad():
-        branch = mixer(model.layers[0].norm(x))
+        branch, _ = mixer(model.layers[0].norm(x))
     assert 0.01 < (branch.pow(2).mean().sqrt() / x.pow(2).mean().sqrt()).item() < 2  # 0.02 std: 0.0007
 
 
@@ -84,13 +85,11 @@ def test_bidirectional_scan_lets_the_first_frame_see_the_last():
 
 
 def test_mean_merge_is_half_the_sum_merge():
-    torch.manual_seed(1)
-    config = StormTemporalEncoderConfig(hidden_size=16, state_size=4)
-    summed = StormMambaMixer(config)
+    summed = encoder(num_hidden_layers=1).layers[0].mixer  # initialised (a bare StormMambaMixer has empty A_log, D)
     averaged = StormMambaMixer(StormTemporalEncoderConfig(hidden_size=16, state_size=4, bidirectional_merge="mean"))
     averaged.load_state_dict(summed.state_dict())
     x = torch.randn(2, 10, 16)
-    torch.testing.assert_close(averaged(x), summed(x) / 2)  # out_proj is linear without bias
+    torch.testing.assert_close(averaged(x)[0], summed(x)[0] / 2)  # out_proj is linear without bias
 
 
 def test_zero_layers_is_the_identity():
@@ -119,3 +118,109 @@ def test_gradient_checkpointing_gives_the_same_gradients(bidirectional):
     model(x).pow(2).sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], msg=name)
+
+
+def _scaled_encoder(bidirectional=True, conv_kernel=4, **kwargs) -> StormTemporalEncoder:
+    """An encoder whose projections are scaled up so that the scan carries an O(1) signal across many tokens (at init
+    Δ ≤ 0.1 keeps B·C small), which makes a lost or wrong carried state visible."""
+    model = encoder(bidirectional=bidirectional, conv_kernel=conv_kernel, **kwargs)
+    with torch.no_grad():
+        for layer in model.layers:
+            for projection in (layer.mixer.in_proj, *(x_proj for _, x_proj, *_ in layer.mixer.directions())):
+                projection.weight.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("chunk_size", [2, 8, 13, 39])  # 40 tokens: 13 and 39 do not divide it; 2 < K - 1 = 3
+def test_chunked_scan_equals_the_whole_sequence_scan(bidirectional, chunk_size):
+    model = _scaled_encoder(bidirectional)
+    x = torch.randn(2, 40, 16)
+    with torch.no_grad():
+        whole = model(x, chunk_size=40)
+        chunked = model(x, chunk_size=chunk_size)
+        in_place = x.clone()
+        chunks = list(model.output_chunks(in_place, chunk_size))
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    assert [start for start, _ in chunks] == list(range(0, 40, chunk_size))
+    torch.testing.assert_close(torch.cat([chunk for _, chunk in chunks], dim=1), whole, rtol=0, atol=1e-5)
+    assert not torch.equal(in_place, x)  # without autograd the residual stream is updated in place, no copy
+    assert (model(x, chunk_size=40) - whole).abs().max() == 0  # forward leaves its input as it is
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_chunked_scan_gives_the_whole_sequence_gradients(bidirectional, checkpointing):
+    model = _scaled_encoder(bidirectional).train()
+    if checkpointing:
+        enable_checkpointing(model)
+    x = torch.randn(2, 30, 16)
+    grad_out = torch.randn(2, 30, 16)
+
+    def gradients(chunk_size):
+        model.zero_grad()
+        inputs = x.clone().requires_grad_()
+        chunks = [chunk for _, chunk in model.output_chunks(inputs, chunk_size)]  # with autograd: as forward
+        (torch.cat(chunks, dim=1) * grad_out).sum().backward()
+        return {"inputs": inputs.grad, **{name: p.grad.clone() for name, p in model.named_parameters()}}
+
+    whole, chunked = gradients(None), gradients(10)
+    for name, grad in whole.items():
+        torch.testing.assert_close(chunked[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_chunks_hold_no_tensor_of_the_whole_sequence_wider_than_the_residual_stream():
+    """Counting every tensor the ops produce: in chunks, nothing is larger than the (B, L, D) residual stream; in one
+    chunk, the 2E-wide tensors (in_proj output, convolution, Δ) of the whole sequence appear."""
+    model = encoder(bidirectional=True)
+    x = torch.randn(1, 200, 16)
+    residual = x.numel()
+
+    def largest_tensor(chunk_size):
+        with torch.no_grad(), _LargestTensor() as counter:
+            for _ in model.output_chunks(x.clone(), chunk_size):
+                pass
+        return counter.largest
+
+    assert largest_tensor(20) <= residual
+    assert largest_tensor(None) >= 4 * residual  # in_proj output: 2E = 4D wide
+
+
+def test_streaming_chunk_by_chunk_equals_the_whole_sequence():
+    model = _scaled_encoder(bidirectional=False)
+    x = torch.randn(1, 50, 16)
+    with torch.no_grad():
+        whole = model(x, chunk_size=None)
+        outputs, states = [], None
+        for start in range(0, 50, 7):  # arrival in chunks of 7 tokens, the last one shorter
+            out, states = model.forward_chunk(x[:, start : start + 7], states)
+            outputs.append(out)
+    assert len(states) == 2 and states[0].ssm.shape == (1, 32, 4) and states[0].conv.shape == (1, 32, 3)
+    torch.testing.assert_close(torch.cat(outputs, dim=1), whole, rtol=0, atol=1e-5)
+
+
+def test_bidirectional_encoder_refuses_to_stream():
+    with pytest.raises(ValueError, match=r"backward scan .* not arrived yet.*bidirectional=False"):
+        encoder(bidirectional=True).forward_chunk(torch.randn(1, 8, 16))
+
+
+def test_chunk_bounds():
+    assert chunk_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_bounds(10, None) == chunk_bounds(10, 10) == chunk_bounds(10, 99) == [(0, 10)]
+    with pytest.raises(ValueError, match="chunk_size=0 must be a positive number of tokens"):
+        chunk_bounds(10, 0)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The number of elements of the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and not func.is_view:
+                self.largest = max(self.largest, tensor.numel())
+        return out
