@@ -1,13 +1,14 @@
 """STORM video processor: PyAV decoding by timestamps, uniform or fixed-fps frame sampling, SigLIP preprocessing.
 
 transformers' default video loading needs torchcodec and a system FFmpeg, and trusts container frame counts; this
-processor decodes with PyAV (FFmpeg is in its wheel), indexes the frames it can actually read, and samples by
-presentation time.
+processor decodes with PyAV (FFmpeg is in its wheel), indexes the frames it can actually read, samples by
+presentation time, and checks that every decoded frame is the one its timestamp says.
 """
 
 import bisect
 import functools
 import io
+import math
 import os
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +19,15 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 from transformers.image_utils import PILImageResampling
 from transformers.processing_utils import VideosKwargs
+from transformers.utils import logging
 from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoMetadata
 
+logger = logging.get_logger(__name__)
+
 URL_TIMEOUT_S = 60
-# Threads that decode separate stretches of a long video at once (each opens its own container).
+# Threads that decode separate stretches of a long video at once (each opens its own container). A stretch decoded
+# alone gets the machine's cores as FFmpeg decoding threads instead.
 DECODE_THREADS = min(os.cpu_count() or 1, 8)
 
 
@@ -49,6 +54,11 @@ def _is_encoded_video(video) -> bool:
     return isinstance(video, (str, os.PathLike, bytes, bytearray, io.IOBase))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Encoded videos: opening, indexing by demuxing, decoding the sampled frames
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def _describe(source) -> str:
     if isinstance(source, (bytes, bytearray)):
         return f"<{len(source)} bytes>"
@@ -66,7 +76,9 @@ def _load_source(source) -> str | bytes:
             with urllib.request.urlopen(source, timeout=URL_TIMEOUT_S) as response:
                 source = response.read()
         except OSError as error:
-            raise ValueError(f"Could not download the video {name}: {error}. Check the URL or pass a local file.") from None
+            raise ValueError(
+                f"Could not download the video {name}: {error}. Check the URL or pass a local file."
+            ) from None
     if isinstance(source, io.IOBase):
         source = source.read()
     if isinstance(source, (bytes, bytearray)):
@@ -83,99 +95,295 @@ def _load_source(source) -> str | bytes:
     return os.fspath(source)
 
 
-def _open_container(data: str | bytes, name: str) -> av.container.InputContainer:
-    """Open a path or encoded bytes from `_load_source` with PyAV."""
+def _open_container(data: str | bytes, name: str, threads: int = 0) -> av.container.InputContainer:
+    """Open a path or encoded bytes from `_load_source` with PyAV; its first video stream decodes with `threads`
+    FFmpeg threads (0: as many as cores), frame- and slice-parallel ("AUTO": not slice-only, which would switch off
+    the H.264 error concealment that flags damaged frames)."""
     try:
-        return av.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        container = av.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except av.error.FFmpegError as error:
         raise ValueError(
             f"Could not read {name} as a video ({error.strerror}). The file is truncated, corrupt or not a video "
             "(a complete MP4/WebM/MKV/AVI… file is expected)."
         ) from None
+    if container.streams.video:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
+    return container
 
 
-def _index_frames(container, stream, name: str) -> tuple[list[int], list[int]]:
-    """Presentation timestamps of all frames and of the keyframes, read by demuxing (no decoding)."""
-    pts, keyframes = [], []
+@dataclass
+class _FrameIndex:
+    """The frames of a video stream in presentation order, read by demuxing only.
+
+    `pts` holds their presentation timestamps (stream time base), sorted; it is `None` when the stream has no usable
+    timestamps (a raw elementary stream such as `.h264`, or packets whose pts are missing or repeated): frames are
+    then numbered in the order the decoder returns them, and the whole stream is decoded from its start.
+    `keyframes` are positions in that order; `seek_targets[j]` is the timestamp `container.seek` must get to land on
+    keyframe j (its pts for containers that seek on pts, MP4 and Matroska; its dts for those that seek on dts,
+    MPEG-TS, AVI and most others).
+    """
+
+    count: int
+    timestamps: list[float]
+    keyframes: list[int]
+    pts: list[int] | None = None
+    seek_targets: list[int] | None = None
+
+    def keyframe_before(self, position: int) -> int:
+        """Index in `keyframes` of the last keyframe at or before frame `position` (0 if none)."""
+        return max(bisect.bisect_right(self.keyframes, position) - 1, 0)
+
+
+def _seeks_on_pts(container) -> bool:
+    # FFmpeg's Matroska demuxer seeks on its cues, which hold pts, without setting AVFMT_SEEK_TO_PTS.
+    return bool(container.format.flags & av.format.Flags.seek_to_pts.value) or container.format.name.startswith(
+        "matroska"
+    )
+
+
+def _index_frames(container, stream, name: str) -> _FrameIndex:
+    """Index the frames of `stream` by demuxing it (no decoding)."""
+    packets = []
     try:
         for packet in container.demux(stream):
-            time = packet.pts if packet.pts is not None else packet.dts
-            if time is None:  # flush packet at the end of the stream
-                continue
-            pts.append(time)
-            if packet.is_keyframe:
-                keyframes.append(time)
+            if packet.size:  # an empty packet flushes the demuxer at the end
+                packets.append((packet.pts, packet.dts, packet.is_keyframe))
     except av.error.FFmpegError as error:
-        raise ValueError(f"Could not read the frames of {name} ({error.strerror}): the file is corrupt or truncated.") from None
-    if not pts:
-        raise ValueError(f"{name} has a video stream but no frames. Re-export the video.")
-    if stream.frames and len(pts) < stream.frames:
         raise ValueError(
-            f"{name} is truncated: its header lists {stream.frames} frames but only {len(pts)} can be read. "
+            f"Could not read the frames of {name} ({error.strerror}): the file is corrupt or truncated."
+        ) from None
+    if not packets:
+        raise ValueError(f"{name} has a video stream but no frames. Re-export the video.")
+    if stream.frames and len(packets) < stream.frames:
+        raise ValueError(
+            f"{name} is truncated: its header lists {stream.frames} frames but only {len(packets)} can be read. "
             "Re-download or re-export the file."
         )
-    pts.sort()
-    return pts, sorted(keyframes) or [pts[0]]
+    pts = [p for p, _, _ in packets]
+    if None in pts or len(set(pts)) < len(pts):
+        return _decode_order_index(stream, packets, name)
+    order = sorted(pts)
+    position = {p: i for i, p in enumerate(order)}
+    on_pts = _seeks_on_pts(container)
+    keyframes = sorted((position[p], p if d is None or on_pts else d) for p, d, key in packets if key)
+    keyframes = keyframes or [(0, order[0])]
+    time_base = float(stream.time_base)
+    return _FrameIndex(
+        count=len(order),
+        timestamps=[(p - order[0]) * time_base for p in order],
+        keyframes=[i for i, _ in keyframes],
+        pts=order,
+        seek_targets=[target for _, target in keyframes],
+    )
 
 
-def _decode_frames(container, stream, wanted: list[int], keyframes: list[int], name: str, scale: dict) -> dict[int, np.ndarray]:
-    """Decode the frames with presentation timestamps `wanted` (sorted), seeking to the keyframe before a target
-    whenever that keyframe lies beyond the current decoding position. Returns {pts: RGB uint8 array (H, W, 3)}, scaled
-    with `scale` (`VideoReformatter.reformat` arguments)."""
-    frames: dict[int, np.ndarray] = {}
-    reformatter = VideoReformatter()  # keeps its swscale context from frame to frame
-
-    def convert(frame) -> np.ndarray:
-        return reformatter.reformat(frame, format="rgb24", **scale).to_ndarray()
-
-    next_idx, position = 0, None
-
-    def keyframe_before(pts):
-        return keyframes[max(bisect.bisect_right(keyframes, pts) - 1, 0)]
-
-    try:
-        while next_idx < len(wanted):
-            keyframe = keyframe_before(wanted[next_idx])
-            container.seek(keyframe, stream=stream, backward=True)
-            alone = next_idx + 1 == len(wanted) or keyframe_before(wanted[next_idx + 1]) > wanted[next_idx]
-            if wanted[next_idx] == keyframe and alone:  # a lone keyframe: decode that one frame and nothing after it
-                frame = _decode_keyframe(container, stream, keyframe)
-                if frame is not None:
-                    frames[keyframe] = convert(frame)
-                    next_idx += 1
-                    continue
-                container.seek(keyframe, stream=stream, backward=True)
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                position = frame.pts
-                while next_idx < len(wanted) and wanted[next_idx] <= position:
-                    frames[wanted[next_idx]] = convert(frame)
-                    next_idx += 1
-                if next_idx == len(wanted):
-                    break
-                if keyframe_before(wanted[next_idx]) > position:  # cheaper to jump to the next target's keyframe
-                    break
-            else:
-                if next_idx < len(wanted):
-                    raise ValueError(
-                        f"{name} ended before the frame at pts {wanted[next_idx]} (stream time base "
-                        f"{stream.time_base}) could be decoded: the file is truncated or corrupt."
-                    )
-    except av.error.FFmpegError as error:
-        raise ValueError(f"Could not decode {name} ({error.strerror}): the file is corrupt or truncated.") from None
-    return frames
+def _decode_order_index(stream, packets: list, name: str) -> _FrameIndex:
+    """Index of a stream without usable timestamps: one frame per packet, timed at the stream's nominal rate."""
+    rate = float(stream.average_rate or stream.guessed_rate or 0) or 1.0
+    reason = "no timestamps" if all(p is None for p, _, _ in packets) else "missing or repeated timestamps"
+    timing = (
+        f"its nominal {rate:g} fps" if stream.average_rate or stream.guessed_rate else "1 fps (its rate is unknown)"
+    )
+    logger.warning_once(
+        f"{name} has {reason} (a raw elementary stream, or a damaged file): its frames are taken in decode order and "
+        f"timed at {timing}."
+    )
+    return _FrameIndex(
+        count=len(packets),
+        timestamps=[i / rate for i in range(len(packets))],
+        keyframes=[i for i, (_, _, key) in enumerate(packets) if key] or [0],
+    )
 
 
-def _decode_keyframe(container, stream, pts: int) -> av.VideoFrame | None:
+def _display_transform(frame) -> str | None:
+    """How a player turns `frame` upright from its display matrix (phone videos), following FFmpeg's `autorotate`
+    (fftools): None (nothing to do), or one of "cclock", "clock", "cclock_flip", "clock_flip", "hflip", "vflip",
+    "rot180". Rotations that are not multiples of 90° are not applied (warned about)."""
+    side_data = frame.side_data.get("DISPLAYMATRIX")
+    if side_data is None:
+        return None
+    m = np.frombuffer(bytes(side_data), dtype=np.int32).astype(float) / 65536  # 3×3, row-major, 16.16 fixed point
+    # av_display_rotation_get: the angle the matrix turns the picture counterclockwise; players turn by minus that.
+    rotation = -math.degrees(math.atan2(m[1] / math.hypot(m[1], m[4]), m[0] / math.hypot(m[0], m[3])))
+    theta = -round(rotation)
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        return "cclock_flip" if m[3] > 0 else "clock"
+    if abs(theta - 270) < 1:
+        return "clock_flip" if m[3] < 0 else "cclock"
+    if abs(theta - 180) < 1:
+        return {(True, True): "rot180", (True, False): "hflip", (False, True): "vflip"}.get((m[0] < 0, m[4] < 0))
+    if abs(theta) > 1:
+        logger.warning_once(f"A video's display matrix rotates by {theta:.0f}°, not a multiple of 90°: not applied.")
+        return None
+    return "vflip" if m[4] < 0 else None
+
+
+_ORIENT = {  # (H, W, 3) -> upright, as FFmpeg's transpose / hflip / vflip filters
+    "clock": lambda a: np.rot90(a, -1),
+    "cclock": lambda a: np.rot90(a, 1),
+    "cclock_flip": lambda a: a.transpose(1, 0, 2),
+    "clock_flip": lambda a: np.rot90(a, -1)[::-1],
+    "hflip": lambda a: a[:, ::-1],
+    "vflip": lambda a: a[::-1],
+    "rot180": lambda a: a[::-1, ::-1],
+}
+
+
+_TRANSPOSING = ("clock", "cclock", "cclock_flip", "clock_flip")
+
+
+class _FrameWriter:
+    """Turns decoded frames into upright RGB `uint8` arrays `(height, width, 3)` (FFmpeg's swscale, bicubic; frames of
+    another size, e.g. after a resolution change mid-stream, are scaled to it too; `transform` from
+    `_display_transform`) and writes them to their slot of `out`; remembers the positions of frames the decoder
+    concealed errors in."""
+
+    def __init__(self, out: np.ndarray, transform: str | None):
+        self.out = out
+        self.transform = transform
+        height, width = out.shape[1:3]
+        self.scaled = (height, width) if transform not in _TRANSPOSING else (width, height)  # before turning
+        self.reformatter = VideoReformatter()  # keeps its swscale context from frame to frame
+        self.concealed: set[int] = set()
+
+    def write(self, slot: int, frame) -> None:
+        height, width = self.scaled
+        rgb = self.reformatter.reformat(frame, format="rgb24", width=width, height=height, interpolation="BICUBIC")
+        array = rgb.to_ndarray()  # (H, W, 3)
+        self.out[slot] = _ORIENT[self.transform](array) if self.transform else array
+
+    def check(self, position: int, frame) -> None:
+        """Note `frame` (at `position`) if the decoder had to conceal damaged data in it."""
+        if frame.is_corrupt:
+            self.concealed.add(position)
+
+
+def _decode_by_timestamp(container, stream, wanted: list[int], index: _FrameIndex, writer: _FrameWriter, name: str):
+    """Decode the frames at positions `wanted` (sorted, distinct) of a stream indexed by pts into `writer`.
+
+    Seeks to the keyframe before each target whenever that keyframe lies beyond the decoding position, and accepts
+    a frame only if its pts is the one wanted. If the decoder does not return that frame after a seek (a container
+    that landed after the keyframe, an open GOP whose leading frames need the previous one), decoding restarts from
+    an earlier keyframe, and from the first one as a last resort.
+
+    Raises:
+        ValueError: a wanted frame that the decoder never returns (a truncated or corrupt file).
+    """
+    done, retries = 0, 0
+    while done < len(wanted):
+        start = 0 if retries > 2 else max(index.keyframe_before(wanted[done]) - retries, 0)
+        container.seek(index.seek_targets[start], stream=stream, backward=True)
+        try:
+            reached = _decode_run(container, stream, wanted, done, index, writer, start, lone=not retries)
+        except av.error.FFmpegError as error:
+            raise ValueError(
+                f"Could not decode {name} ({error.strerror}): the file is corrupt or truncated."
+            ) from None
+        if reached > done:
+            done, retries = reached, 0
+        elif start == 0:
+            raise ValueError(
+                f"Could not decode frame {wanted[done]} (at {index.timestamps[wanted[done]]:.3f} s) of {name}: the "
+                "decoder does not return it. The file is truncated or corrupt; re-download or re-export it."
+            )
+        else:
+            retries += 1
+
+
+def _decode_run(
+    container, stream, wanted, done: int, index: _FrameIndex, writer: _FrameWriter, start: int, lone: bool
+) -> int:
+    """Decode on from a seek to keyframe `start` (an index in `index.keyframes`); returns how many of `wanted` are
+    done after this run. It stops at the end of the stream, when the next wanted frame is better reached by seeking,
+    or when the decoder skips past a wanted frame."""
+    keyframe = index.keyframe_before(wanted[done])
+    alone = done + 1 == len(wanted) or index.keyframe_before(wanted[done + 1]) != keyframe
+    if lone and alone and index.keyframes[keyframe] == wanted[done]:  # a lone keyframe: decode that frame only
+        frame = _decode_keyframe(container, stream, index.pts[wanted[done]])
+        if frame is not None:
+            writer.check(wanted[done], frame)
+            writer.write(done, frame)
+            return done + 1
+        container.seek(index.seek_targets[start], stream=stream, backward=True)
+    first = index.keyframes[start]  # frames before it, decoded after a seek that landed early, may lack references
+    for frame in container.decode(stream):
+        if frame.pts is None:
+            continue
+        position = bisect.bisect_left(index.pts, frame.pts)
+        if position >= first:
+            writer.check(position, frame)
+        if position < wanted[done]:
+            continue
+        if position > wanted[done] or index.pts[position] != frame.pts:  # the wanted frame did not come out
+            return done
+        writer.write(done, frame)
+        done += 1
+        if done == len(wanted):
+            return done
+        if index.keyframes[index.keyframe_before(wanted[done])] > position:
+            return done  # cheaper to seek to the next target's keyframe than to decode up to it
+    return done
+
+
+def _decode_keyframe(container, stream, pts: int):
     """Decode only the keyframe at `pts` (the container must be positioned on it): send its packet, drain the decoder.
-    Returns None if the first packet read is not that keyframe."""
+    Returns None if the first packet read is not that keyframe or the decoder returns another frame."""
     for packet in container.demux(stream):
         if packet.pts != pts:
             return None
         decoded = [*stream.codec_context.decode(packet), *stream.codec_context.decode(None)]
-        return decoded[0] if decoded else None
+        return decoded[0] if decoded and decoded[0].pts == pts else None
     return None
+
+
+def _decode_in_order(container, stream, wanted: list[int], writer: _FrameWriter, name: str) -> int:
+    """Decode the whole stream from its start, numbering frames in the order the decoder returns them (presentation
+    order), and write the frames at positions `wanted`. Returns the number of frames decoded."""
+    slots = {position: slot for slot, position in enumerate(wanted)}
+    count = 0
+    try:
+        for frame in container.decode(stream):
+            writer.check(count, frame)
+            if count in slots:
+                writer.write(slots[count], frame)
+            count += 1
+    except av.error.FFmpegError as error:
+        raise ValueError(f"Could not decode {name} ({error.strerror}): the file is corrupt or truncated.") from None
+    return count
+
+
+def _split_by_keyframe(wanted: list[int], index: _FrameIndex, parts: int) -> list[tuple[int, list[int]]]:
+    """Split the sorted positions `wanted` into up to `parts` runs of about equal length that never cut a keyframe
+    interval in two (each run is decoded on its own, from its own keyframes); each run comes with its offset in
+    `wanted`."""
+    group = [index.keyframe_before(position) for position in wanted]
+    runs, start = [], 0
+    for end in np.linspace(0, len(wanted), parts + 1)[1:].round().astype(int):
+        while 0 < end < len(wanted) and group[end] == group[end - 1]:
+            end += 1
+        if end > start:
+            runs.append((start, wanted[start:end]))
+            start = end
+    return runs
+
+
+def _display_geometry(data, name: str) -> tuple[int, int, str | None]:
+    """(height, width) of the first frame as a player shows it, and the `_display_transform` that turns the stream's
+    frames upright (read once: a frame's `side_data` keeps the frame alive until Python's cycle collector runs)."""
+    with _open_container(data, name) as container:
+        stream = container.streams.video[0]
+        try:
+            frame = next(iter(container.decode(stream)), None)
+        except av.error.FFmpegError:
+            frame = None
+        if frame is None:
+            return stream.codec_context.height, stream.codec_context.width, None
+    transform = _display_transform(frame)
+    height, width = (frame.width, frame.height) if transform in _TRANSPOSING else (frame.height, frame.width)
+    return height, width, transform
 
 
 def read_video_pyav(
@@ -184,7 +392,12 @@ def read_video_pyav(
     """Decode the sampled frames of one video with PyAV.
 
     Frames are indexed by demuxing the whole stream (container headers can misreport the frame count), the sampler
-    picks indices from that index and only the picked frames are decoded, seeking keyframe to keyframe.
+    picks indices from that index and only the picked frames are decoded: seeking keyframe to keyframe (on pts or dts,
+    as the container seeks), in parallel stretches for long videos, and every frame is checked to carry the
+    presentation timestamp it was wanted for. Streams without usable timestamps (raw `.h264`, all pts equal) are
+    decoded from the start, numbering frames in decoder output order, with a warning. Frames are turned upright as
+    the display matrix says (phone videos), scaled to one size while they are decoded (a resolution change
+    mid-stream included), and a warning names the frames the decoder concealed errors in (corrupt slices).
 
     Args:
         source (`str`, `os.PathLike`, `bytes` or binary file object): local path, http(s) URL or encoded bytes.
@@ -192,70 +405,120 @@ def read_video_pyav(
             keep; all frames when `None`.
         size (`tuple[int, int]`, *optional*): `(height, width)` to scale the frames to while converting them to RGB
             (FFmpeg's swscale, bicubic): much less memory and time than full-resolution frames for long videos.
+            Defaults to the size of the first frame as displayed.
 
     Returns:
         `tuple[np.ndarray, StormVideoMetadata]`: frames `(num_frames, height, width, 3)` uint8 RGB, and metadata with
-        `frames_indices`, `frame_timestamps` (seconds), `keyframe_indices`, `fps` (average, from the timestamps),
-        the source's width and height, and duration.
+        `frames_indices`, `frame_timestamps` (seconds), `keyframe_indices`, `fps` (average, from the timestamps), the
+        displayed width and height of the source, and duration (seconds).
 
     Raises:
-        FileNotFoundError: missing file. ValueError: empty, truncated, corrupt or non-video input, or no video stream.
+        FileNotFoundError: missing file. ValueError: empty, truncated, corrupt or non-video input, no video stream, or
+        a frame the decoder does not return.
     """
     name = _describe(source)
     data = _load_source(source)
-    scale = {} if size is None else {"height": size[0], "width": size[1], "interpolation": "BICUBIC"}
     with _open_container(data, name) as container:
         if not container.streams.video:
             raise ValueError(f"{name} contains no video stream (audio-only or not a video file).")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        pts, keyframes = _index_frames(container, stream, name)
-        time_base = float(stream.time_base)
-        frame_timestamps = [(p - pts[0]) * time_base for p in pts]
-        span = frame_timestamps[-1]
-        fps = (len(pts) - 1) / span if span > 0 else float(stream.average_rate or 1)
-        keyframe_set = set(keyframes)
-        metadata = StormVideoMetadata(
-            total_num_frames=len(pts),
-            fps=fps,
-            width=stream.codec_context.width,
-            height=stream.codec_context.height,
-            duration=len(pts) / fps,
-            video_backend="pyav",
-            frame_timestamps=frame_timestamps,
-            keyframe_indices=[i for i, p in enumerate(pts) if p in keyframe_set],
+        index = _index_frames(container, stream, name)
+    height, width, transform = _display_geometry(data, name)
+    for _ in range(
+        2
+    ):  # a second pass only if a stream without timestamps decodes to more or fewer frames than packets
+        metadata = _metadata(index, width, height)
+        indices = (
+            np.arange(index.count) if sample_indices_fn is None else np.asarray(sample_indices_fn(metadata=metadata))
         )
-        indices = np.arange(len(pts)) if sample_indices_fn is None else np.asarray(sample_indices_fn(metadata=metadata))
-        wanted = sorted({pts[i] for i in indices})
-        parts = _split_by_keyframe(wanted, keyframes, DECODE_THREADS)
-        if len(parts) == 1:  # one stretch: decode it in this container
-            decoded = _decode_frames(container, stream, wanted, keyframes, name, scale)
-
-    def decode(part: list[int]) -> dict[int, np.ndarray]:
-        with _open_container(data, name) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            return _decode_frames(container, stream, part, keyframes, name, scale)
-
-    if len(parts) > 1:
-        with ThreadPoolExecutor(len(parts)) as pool:  # PyAV releases the GIL while decoding
-            decoded = {pts: frame for part in pool.map(decode, parts) for pts, frame in part.items()}
+        if indices.size and (indices.min() < 0 or indices.max() >= index.count):
+            raise ValueError(f"Frame indices {indices.tolist()} are outside the {index.count} frames of {name}.")
+        wanted, inverse = np.unique(indices, return_inverse=True)  # decode each frame once, in stream order
+        out = np.empty((len(wanted), *(size or (height, width)), 3), dtype=np.uint8)  # (T, H, W, 3)
+        concealed = _decode(data, name, index, wanted.tolist(), out, transform) if len(wanted) else set()
+        if concealed is not None:
+            break
+        index = _recount(data, name, index)
+    _warn_concealed(name, concealed, wanted.tolist(), index)
     metadata.frames_indices = indices.tolist()
-    return np.stack([decoded[pts[i]] for i in indices]), metadata
+    frames = out if np.array_equal(wanted, indices) else out[inverse.reshape(-1)]
+    return frames, metadata
 
 
-def _split_by_keyframe(wanted: list[int], keyframes: list[int], parts: int) -> list[list[int]]:
-    """Split the sorted `wanted` timestamps into up to `parts` runs of about equal length that never cut a keyframe
-    interval in two (each run is decoded on its own, from its own keyframes)."""
-    group = [bisect.bisect_right(keyframes, pts) for pts in wanted]  # keyframe interval of each wanted frame
-    runs, start = [], 0
-    for end in np.linspace(0, len(wanted), parts + 1)[1:].round().astype(int):
-        while 0 < end < len(wanted) and group[end] == group[end - 1]:
-            end += 1
-        if end > start:
-            runs.append(wanted[start:end])
-            start = end
-    return runs
+def _metadata(index: _FrameIndex, width: int, height: int) -> StormVideoMetadata:
+    span = index.timestamps[-1]
+    fps = (index.count - 1) / span if span > 0 else 1.0
+    return StormVideoMetadata(
+        total_num_frames=index.count,
+        fps=fps,
+        width=width,
+        height=height,
+        duration=index.count / fps,
+        video_backend="pyav",
+        frame_timestamps=index.timestamps,
+        keyframe_indices=index.keyframes,
+    )
+
+
+def _decode(data, name: str, index: _FrameIndex, wanted: list[int], out: np.ndarray, transform) -> set[int] | None:
+    """Decode the frames at positions `wanted` into `out`; returns the positions of the frames decoded with
+    concealed errors, or None if a stream without timestamps did not decode to `index.count` frames."""
+    if index.pts is None:
+        with _open_container(data, name) as container:
+            writer = _FrameWriter(out, transform)
+            count = _decode_in_order(container, container.streams.video[0], wanted, writer, name)
+        return writer.concealed if count == index.count else None
+    parts = _split_by_keyframe(wanted, index, DECODE_THREADS)
+    threads = max(1, DECODE_THREADS // len(parts)) if len(parts) > 1 else 0
+
+    def decode(part) -> set[int]:
+        start, positions = part
+        with _open_container(data, name, threads) as container:
+            writer = _FrameWriter(out[start : start + len(positions)], transform)
+            _decode_by_timestamp(container, container.streams.video[0], positions, index, writer, name)
+        return writer.concealed
+
+    with ThreadPoolExecutor(len(parts)) as pool:  # PyAV releases the GIL while decoding
+        return set().union(*pool.map(decode, parts))
+
+
+def _recount(data, name: str, index: _FrameIndex) -> _FrameIndex:
+    """The index of a stream without timestamps, with the frame count the decoder gives."""
+    with _open_container(data, name) as container:
+        stream = container.streams.video[0]
+        count = sum(1 for _ in container.decode(stream))
+    if not count:
+        raise ValueError(f"{name} has a video stream but no frame can be decoded. Re-export the video.")
+    step = index.timestamps[1] if index.count > 1 else 1.0
+    return _FrameIndex(
+        count=count,
+        timestamps=[i * step for i in range(count)],
+        keyframes=[k for k in index.keyframes if k < count] or [0],
+    )
+
+
+def _warn_concealed(name: str, concealed: set[int], wanted: list[int], index: _FrameIndex) -> None:
+    """Warn about sampled frames that are damaged: concealed by the decoder, or decoded after such a frame from the
+    same keyframe (they predict from it)."""
+    if not concealed:
+        return
+    affected = [
+        position
+        for position in wanted
+        if any(index.keyframes[index.keyframe_before(position)] <= damaged <= position for damaged in concealed)
+    ]
+    if affected:
+        times = ", ".join(f"{index.timestamps[p]:.2f}" for p in affected[:10])
+        logger.warning(
+            f"{name}: the decoder concealed damaged data (corrupt slices) in frames {sorted(concealed)[:10]}; the "
+            f"sampled frames {affected[:10]} (at {times} s) are or follow them and show the damage. Re-download or "
+            "re-encode the video to get clean frames."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def sample_frame_indices(
@@ -397,7 +660,9 @@ class StormVideoProcessor(BaseVideoProcessor):
         size = kwargs.get("size") or self.size
         if not kwargs.get("do_resize", self.do_resize) or size is None:
             return None
-        height, width = (size.get("height"), size.get("width")) if isinstance(size, dict) else (size.height, size.width)
+        height, width = (
+            (size.get("height"), size.get("width")) if isinstance(size, dict) else (size.height, size.width)
+        )
         return (height, width) if height and width else None
 
     def sample_frames(
