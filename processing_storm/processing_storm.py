@@ -12,7 +12,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from modeling_storm.configuration_storm import get_num_visual_tokens
 
-from .video_processing_storm import _is_encoded_video
+from .video_processing_storm import _flatten_videos
 
 
 def default_chat_template() -> str:
@@ -21,13 +21,9 @@ def default_chat_template() -> str:
 
 
 def _countable_videos(videos):
-    """`videos` with each encoded video (bytes, path, file object) replaced by a string, which transformers' batching
-    helpers count as one video (they only know string paths and decoded arrays)."""
-    if _is_encoded_video(videos):
-        return "encoded video"
-    if isinstance(videos, (list, tuple)):
-        return [_countable_videos(video) for video in videos]
-    return videos
+    """One string per video of `videos` (any form `StormVideoProcessor` takes: files, bytes, arrays, frame lists,
+    nested per sample): transformers' counting helpers only know string paths and decoded arrays."""
+    return None if videos is None else ["video"] * len(_flatten_videos(videos))
 
 
 class StormProcessor(ProcessorMixin):

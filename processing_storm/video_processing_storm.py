@@ -3,6 +3,8 @@
 transformers' default video loading needs torchcodec and a system FFmpeg, and trusts container frame counts; this
 processor decodes with PyAV (FFmpeg is in its wheel), indexes the frames it can actually read, samples by
 presentation time, and checks that every decoded frame is the one its timestamp says.
+
+Shape legend: T frames, H × W frame height × width (pixels), B videos in a batch.
 """
 
 import bisect
@@ -10,14 +12,18 @@ import functools
 import io
 import math
 import os
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import av
 import numpy as np
+import PIL.Image
+import torch
 from av.video.reformatter import VideoReformatter
-from transformers.image_utils import PILImageResampling
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import ChannelDimension, PILImageResampling, load_image
 from transformers.processing_utils import VideosKwargs
 from transformers.utils import logging
 from transformers.video_processing_utils import BaseVideoProcessor
@@ -29,6 +35,10 @@ URL_TIMEOUT_S = 60
 # Threads that decode separate stretches of a long video at once (each opens its own container). A stretch decoded
 # alone gets the machine's cores as FFmpeg decoding threads instead.
 DECODE_THREADS = min(os.cpu_count() or 1, 8)
+# Frames normalised at once by `StormVideoProcessor._preprocess` (bounds the float32 temporaries).
+PREPROCESS_CHUNK = 64
+# A list of paths or URLs with these suffixes is one video given frame by frame.
+FRAME_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -50,8 +60,198 @@ class StormVideoMetadata(VideoMetadata):
         return [self.frame_timestamps[i] for i in self.frames_indices]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# What a video is: the forms a caller may pass, flattened to one list per batch
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def _is_encoded_video(video) -> bool:
-    return isinstance(video, (str, os.PathLike, bytes, bytearray, io.IOBase))
+    """A video file: a path or URL (`str`, `os.PathLike`), its bytes (`bytes`, `bytearray`, `memoryview`) or an open
+    file object."""
+    return isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview, io.IOBase))
+
+
+def _is_frame_file(item) -> bool:
+    """A path, URL or data URI of an image file: one frame of a video given as a list of frame files."""
+    if not isinstance(item, (str, os.PathLike)):
+        return False
+    text = os.fspath(item)
+    if text.startswith("data:image/"):
+        return True
+    path = urllib.parse.urlparse(text).path if text.startswith(("http://", "https://")) else text
+    return path.lower().endswith(FRAME_FILE_SUFFIXES)
+
+
+def _is_frame(item) -> bool:
+    """One decoded frame: a PIL image, or an array/tensor with 3 dimensions."""
+    return isinstance(item, PIL.Image.Image) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 3)
+
+
+def _flatten_videos(videos, where: str = "videos") -> list:
+    """The videos of a (possibly nested, per-sample) batch as a flat list, each one of:
+
+    - an encoded video: path, http(s) URL, bytes, `bytearray`, `memoryview` or binary file object;
+    - decoded frames: an array or tensor `(T, H, W, 3)` / `(T, 3, H, W)`, or a list of frames (PIL images or 3-D
+      arrays/tensors), or a list of frame files (image paths/URLs, e.g. `["0001.jpg", "0002.jpg"]`).
+
+    A 5-D array is a batch of videos. Empty lists (a text-only conversation of a batch) hold no video.
+
+    Raises:
+        TypeError: something that is not a video (a number, a dict, a single image). ValueError: a list mixing frames
+        with videos, an array that is not 4-D or 5-D.
+    """
+    if _is_encoded_video(videos):
+        return [videos]
+    if isinstance(videos, (np.ndarray, torch.Tensor)):
+        if videos.ndim in (4, 5):
+            return list(videos) if videos.ndim == 5 else [videos]
+        hint = " For a single frame pass array[None]; pass still images with images=." if videos.ndim == 3 else ""
+        raise ValueError(
+            f"{where}: an array video has 4 dimensions, (frames, height, width, 3) or (frames, 3, height, width) (5 "
+            f"for a batch of videos); got shape {tuple(videos.shape)}.{hint}"
+        )
+    if isinstance(videos, (list, tuple)):
+        for is_kind, kind in ((_is_frame, "frames (PIL images or 3-D arrays)"), (_is_frame_file, "image files")):
+            matches = [is_kind(item) for item in videos]
+            if videos and all(matches):
+                return [list(videos)]  # one video, frame by frame
+            if any(matches):
+                raise ValueError(
+                    f"{where} mixes {kind} with other items ({type(videos[matches.index(False)]).__name__} at "
+                    f"{where}[{matches.index(False)}]). A list of {kind} is one video, given frame by frame; pass "
+                    "each video as its own list (or file, or array)."
+                )
+        return [video for i, item in enumerate(videos) for video in _flatten_videos(item, f"{where}[{i}]")]
+    if isinstance(videos, PIL.Image.Image):
+        raise TypeError(
+            f"{where} is a single image. A video is a list of frames (PIL images) or a file; pass still images with "
+            "images=."
+        )
+    hint = (
+        " (a chat message's content part? pass the value of its 'video' or 'path' key)"
+        if isinstance(videos, dict)
+        else ""
+    )
+    raise TypeError(
+        f"{where} is a {type(videos).__name__} ({str(videos)[:80]}){hint}. A video is a path or URL (str), bytes, a "
+        "binary file object, an array or tensor of frames (T, H, W, 3), or a list of frames (PIL images, arrays or "
+        "image files)."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoded frames: checked and laid out as (T, 3, H, W)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _stack_frames(frames: list, where: str) -> np.ndarray | torch.Tensor:
+    """One video from a list of frames: PIL images (converted to RGB), frame files, or 3-D arrays/tensors."""
+    if _is_frame_file(frames[0]):
+        frames = [_load_frame_file(path, where) for path in frames]
+    if isinstance(frames[0], PIL.Image.Image):
+        frames = [np.asarray(frame.convert("RGB")) for frame in frames]
+    shapes = [tuple(frame.shape) for frame in frames]
+    for i, shape in enumerate(shapes):
+        if shape != shapes[0]:
+            raise ValueError(
+                f"{where}: the frames of one video must have one size; frame 0 is {shapes[0]} but frame {i} is {shape}. "
+                "Resize them to one size first."
+            )
+    return torch.stack(frames) if isinstance(frames[0], torch.Tensor) else np.stack([np.asarray(f) for f in frames])
+
+
+def _load_frame_file(path, where: str) -> PIL.Image.Image:
+    path = os.fspath(path)
+    if not path.startswith(("http://", "https://", "data:")) and not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: frame file not found: {path}.")
+    return load_image(path)
+
+
+def _frames_tensor(video, where: str, do_rescale: bool, data_format=None) -> torch.Tensor:
+    """Decoded frames as a `(T, 3, H, W)` tensor, `uint8` (`do_rescale=True`) or `float32` in 0..1, checked.
+
+    Accepted: integer frames in 0..255 (any integer dtype) with `do_rescale=True`, float frames in 0..255 with
+    `do_rescale=True` or in 0..1 with `do_rescale=False`; channels last `(T, H, W, 3)` or first `(T, 3, H, W)`
+    (`data_format` decides when given).
+
+    Raises:
+        TypeError: bool, complex or non-numeric frames. ValueError: wrong number of dimensions or channels, no frames
+        or no pixels, NaN/inf, values out of range for the dtype and `do_rescale`.
+    """
+    frames = _stack_frames(video, where) if isinstance(video, list) else video
+    if isinstance(frames, np.ndarray):
+        if frames.dtype.kind not in "uif":
+            raise TypeError(
+                f"{where}: frames of dtype {frames.dtype} are not pixels. Pass uint8 RGB frames (0..255), or float "
+                "frames in 0..1 with do_rescale=False."
+            )
+        frames = torch.from_numpy(frames)
+    if frames.dtype == torch.bool or frames.is_complex():
+        raise TypeError(
+            f"{where}: frames of dtype {frames.dtype} are not pixels. Pass uint8 RGB frames (0..255), or float frames "
+            "in 0..1 with do_rescale=False (a mask: mask.astype(np.uint8) * 255)."
+        )
+    if frames.ndim != 4:
+        raise ValueError(
+            f"{where}: a video has 4 dimensions (frames, height, width, 3); got shape {tuple(frames.shape)}."
+        )
+    if frames.numel() == 0:
+        raise ValueError(f"{where}: the video has no frames or no pixels (shape {tuple(frames.shape)}).")
+    frames = _channels_first(frames, where, data_format)
+    return _checked_values(frames, where, do_rescale)
+
+
+def _channels_first(frames: torch.Tensor, where: str, data_format) -> torch.Tensor:
+    """`(T, 3, H, W)` view of channels-last or channels-first frames."""
+    if data_format is not None:
+        last = ChannelDimension(data_format) == ChannelDimension.LAST
+    elif frames.shape[-1] == 3 or frames.shape[1] == 3:
+        last = frames.shape[-1] == 3
+    else:
+        raise ValueError(
+            f"{where}: frames need 3 colour channels (RGB), last (T, H, W, 3) or second (T, 3, H, W); got shape "
+            f"{tuple(frames.shape)}. Grey frames: np.repeat(frames, 3, axis=-1); RGBA: frames[..., :3]."
+        )
+    channels = frames.shape[-1] if last else frames.shape[1]
+    if channels != 3:
+        raise ValueError(
+            f"{where}: frames need 3 colour channels (RGB); got {channels} (shape {tuple(frames.shape)})."
+        )
+    return frames.permute(0, 3, 1, 2) if last else frames
+
+
+def _checked_values(frames: torch.Tensor, where: str, do_rescale: bool) -> torch.Tensor:
+    """uint8 or float32 frames whose values suit `do_rescale` (see `_frames_tensor`)."""
+    dtype = frames.dtype
+    if not frames.is_floating_point() and dtype != torch.uint8:
+        frames = frames.long()  # torch has no min/max for uint16/32/64
+    low, high = float(frames.min()), float(frames.max())
+    if not frames.is_floating_point():
+        if not do_rescale:
+            raise ValueError(
+                f"{where}: integer frames (0..255) need do_rescale=True (the default); do_rescale=False expects float "
+                "frames in 0..1."
+            )
+        if low < 0 or high > 255:
+            hint = " 16-bit frames: frames // 257 gives uint8." if high > 255 else ""
+            raise ValueError(
+                f"{where}: integer frames must be in 0..255 (uint8 RGB); got {dtype} values {low:g}..{high:g}.{hint}"
+            )
+        return frames.to(torch.uint8)
+    if not torch.isfinite(frames).all():
+        bad = int((~torch.isfinite(frames)).sum())
+        raise ValueError(f"{where}: {bad} pixel values are NaN or infinite. Pass finite frames.")
+    if do_rescale and (low < 0 or high > 255 or 0 < high <= 1):
+        fix = "pass do_rescale=False for frames in 0..1" if 0 <= low and high <= 1 else "pass values in 0..255"
+        raise ValueError(
+            f"{where}: float frames with do_rescale=True (the default) must be in 0..255; got {low:g}..{high:g}: {fix}."
+        )
+    if not do_rescale and (low < 0 or high > 1):
+        raise ValueError(
+            f"{where}: float frames with do_rescale=False must be in 0..1; got {low:g}..{high:g}. Pass frames in "
+            "0..255 with do_rescale=True (the default), or divide them by 255."
+        )
+    return frames.float()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,10 +260,10 @@ def _is_encoded_video(video) -> bool:
 
 
 def _describe(source) -> str:
-    if isinstance(source, (bytes, bytearray)):
+    if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<{len(source)} bytes>"
     if isinstance(source, io.IOBase):
-        return "<file object>"
+        return f"<file object {getattr(source, 'name', '')}>".replace(" >", ">")
     return str(source)
 
 
@@ -71,6 +271,10 @@ def _load_source(source) -> str | bytes:
     """A path (str) or the encoded bytes of `source` (path, http(s) URL, bytes or binary file object), checked, so
     that the video can be opened several times (one container per decoding thread)."""
     name = _describe(source)
+    if isinstance(source, io.TextIOBase):
+        raise TypeError(
+            f"The video file object {name} is open in text mode. Open it in binary mode: open(path, 'rb')."
+        )
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(source, timeout=URL_TIMEOUT_S) as response:
@@ -81,8 +285,8 @@ def _load_source(source) -> str | bytes:
             ) from None
     if isinstance(source, io.IOBase):
         source = source.read()
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not len(source):
             raise ValueError("The video is empty (0 bytes). Pass the bytes of a whole video file.")
         return bytes(source)
     if os.path.isdir(source):
@@ -400,7 +604,8 @@ def read_video_pyav(
     mid-stream included), and a warning names the frames the decoder concealed errors in (corrupt slices).
 
     Args:
-        source (`str`, `os.PathLike`, `bytes` or binary file object): local path, http(s) URL or encoded bytes.
+        source (`str`, `os.PathLike`, `bytes`, `memoryview` or binary file object): local path, http(s) URL or
+            encoded bytes.
         sample_indices_fn (`Callable[[StormVideoMetadata], np.ndarray]`, *optional*): returns the frame indices to
             keep; all frames when `None`.
         size (`tuple[int, int]`, *optional*): `(height, width)` to scale the frames to while converting them to RGB
@@ -413,8 +618,8 @@ def read_video_pyav(
         displayed width and height of the source, and duration (seconds).
 
     Raises:
-        FileNotFoundError: missing file. ValueError: empty, truncated, corrupt or non-video input, no video stream, or
-        a frame the decoder does not return.
+        FileNotFoundError: missing file. TypeError: a text-mode file object. ValueError: empty, truncated, corrupt or
+        non-video input, no video stream, or a frame the decoder does not return.
     """
     name = _describe(source)
     data = _load_source(source)
@@ -594,6 +799,11 @@ def _match_in_order(targets: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     return chosen
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The video processor
+# ----------------------------------------------------------------------------------------------------------------
+
+
 class StormVideosKwargs(VideosKwargs, total=False):
     """`VideosKwargs` plus:
 
@@ -608,12 +818,18 @@ class StormVideoProcessor(BaseVideoProcessor):
     r"""
     Video processor of STORM (`AutoVideoProcessor`): decodes, samples, resizes and normalizes frames for SigLIP.
 
-    Accepts paths, http(s) URLs, encoded bytes, or already decoded videos (arrays `(T, H, W, 3)`, tensors, lists of
-    PIL frames). Frames are sampled either as `num_frames` uniformly over the whole duration or at `fps` frames per
-    second (one of the two; `fps` wins over the default `num_frames`), by timestamp; with `keyframes_only=True`
-    among keyframes only, which decodes one frame per sample (long videos). Output: `pixel_values_videos`
-    of shape `(num_videos, num_frames, 3, size["height"], size["width"])`, and `video_metadata` (indices, timestamps
-    in seconds, fps) with `return_metadata=True`.
+    Accepts paths, http(s) URLs, encoded bytes (`bytes`, `memoryview`) or binary file objects, and decoded videos:
+    arrays/tensors `(T, H, W, 3)` or `(T, 3, H, W)` (uint8 0..255; float 0..255, or 0..1 with `do_rescale=False`),
+    lists of frames (PIL images, arrays) and lists of frame files (image paths or URLs: one video). A batch may mix
+    them, nest them per sample, and include samples without videos. Frames are sampled either as `num_frames`
+    uniformly over the whole duration or at `fps` frames per second (one of the two; `fps` wins over the default
+    `num_frames`), by timestamp; with `keyframes_only=True` among keyframes only, which decodes one frame per sample
+    (long videos).
+
+    Output: `pixel_values_videos` of shape `(num_videos, num_frames, 3, size["height"], size["width"])`, and
+    `video_metadata` (indices, timestamps in seconds, fps) with `return_metadata=True`. Videos of one batch with
+    different frame counts (fps sampling of videos of different lengths) are padded to the longest by repeating their
+    last frame, and their `video_metadata.frames_indices` list that frame again (a warning says so once).
 
     Defaults: 448×448 bicubic resize without keeping the aspect ratio (done while decoding for encoded videos),
     rescale to [0, 1], normalize with mean = std = 0.5 (PaliGemma SigLIP), 32 frames.
@@ -633,27 +849,59 @@ class StormVideoProcessor(BaseVideoProcessor):
     valid_kwargs = StormVideosKwargs
     model_input_names = ["pixel_values_videos"]
 
-    def preprocess(self, videos, **kwargs):
+    def preprocess(self, videos, **kwargs) -> BatchFeature:
+        """Decode, sample and normalise `videos` (see the class docstring); returns `pixel_values_videos` (B, T, 3, H, W).
+
+        Raises:
+            TypeError / ValueError: a video that is not valid, with what was expected.
+        """
         if kwargs.get("fps") is not None:
             if kwargs.get("num_frames") is not None:
                 raise ValueError(
                     f"Pass either num_frames or fps, not both (got num_frames={kwargs['num_frames']}, fps={kwargs['fps']})."
                 )
             kwargs["num_frames"] = None  # an explicit fps replaces the default num_frames
-        encoded = _flatten_encoded_videos(videos)
-        if encoded is not None:  # decode and sample here; transformers then preprocesses the decoded frames
-            sample = None
-            if kwargs.get("do_sample_frames", self.do_sample_frames):
-                sample = functools.partial(
-                    self.sample_frames,
-                    num_frames=kwargs.get("num_frames"),
-                    fps=kwargs.get("fps"),
-                    keyframes_only=kwargs.get("keyframes_only"),
+        videos = _flatten_videos(videos)
+        if not videos:
+            raise ValueError("No video given (an empty list). Pass a video file, frames, or a list of them.")
+        given = _per_video_metadata(kwargs.pop("video_metadata", None), len(videos))
+        sample = None
+        if kwargs.get("do_sample_frames", self.do_sample_frames) is not False:
+            names = ("num_frames", "fps", "keyframes_only")
+            sample = functools.partial(self.sample_frames, **{name: kwargs.get(name) for name in names})
+        frames, metadata = [], []
+        for i, (video, known) in enumerate(zip(videos, given)):
+            clip, info = self._load(video, f"video {i}", known, sample, kwargs)
+            frames.append(clip)
+            metadata.append(info)
+        _pad_frame_counts(frames, metadata)
+        kwargs.update(video_metadata=metadata, do_sample_frames=False, input_data_format=ChannelDimension.FIRST)
+        return super().preprocess(frames, **kwargs)
+
+    def _load(self, video, where: str, known, sample, kwargs) -> tuple[torch.Tensor, VideoMetadata]:
+        """The sampled frames of one video `(T, 3, H, W)` and its metadata."""
+        do_rescale = kwargs.get("do_rescale", self.do_rescale)
+        if _is_encoded_video(video):
+            if do_rescale is False:
+                raise ValueError(
+                    "do_rescale=False expects float frames in 0..1, but video files decode to uint8 frames in 0..255: "
+                    "keep do_rescale=True (the default)."
                 )
-            decoded = [read_video_pyav(video, sample, size=self._decode_size(kwargs)) for video in encoded]
-            videos = [frames for frames, _ in decoded]
-            kwargs.update(video_metadata=[metadata for _, metadata in decoded], do_sample_frames=False)
-        return super().preprocess(videos, **kwargs)
+            frames, metadata = read_video_pyav(video, sample, size=self._decode_size(kwargs))
+            return torch.from_numpy(frames).permute(0, 3, 1, 2), metadata
+        frames = _frames_tensor(video, where, do_rescale is not False, kwargs.get("input_data_format"))
+        metadata = StormVideoMetadata(
+            total_num_frames=len(frames),
+            fps=(known or {}).get("fps"),
+            height=frames.shape[2],
+            width=frames.shape[3],
+            frames_indices=list(range(len(frames))),
+        )
+        if sample is not None:
+            indices = np.asarray(sample(metadata=metadata))
+            metadata.frames_indices = indices.tolist()
+            frames = frames[torch.from_numpy(indices)]
+        return frames, metadata
 
     def _decode_size(self, kwargs) -> tuple[int, int] | None:
         """`(height, width)` the frames will be resized to, so that decoding can scale them right away."""
@@ -674,15 +922,88 @@ class StormVideoProcessor(BaseVideoProcessor):
         keyframes_only = self.keyframes_only if keyframes_only is None else keyframes_only
         return sample_frame_indices(metadata, num_frames=num_frames, fps=fps, keyframes_only=keyframes_only)
 
+    def _preprocess(
+        self,
+        videos: list[torch.Tensor],
+        do_resize: bool,
+        size,
+        resample,
+        do_center_crop: bool,
+        crop_size,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean,
+        image_std,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchFeature:
+        """transformers' resize → center crop → rescale + normalise, `PREPROCESS_CHUNK` frames at a time into one
+        preallocated `(B, T, 3, H, W)` float32 tensor, so that a long video never has a second full-length copy.
 
-def _flatten_encoded_videos(videos) -> list | None:
-    """Flat list of the encoded videos in a (possibly nested, per-sample) batch, or None if it holds decoded frames."""
-    if _is_encoded_video(videos):
-        return [videos]
-    if not isinstance(videos, (list, tuple)) or not videos:
-        return None
-    flat = [_flatten_encoded_videos(item) for item in videos]
-    return None if any(item is None for item in flat) else [video for item in flat for video in item]
+        Raises:
+            ValueError: videos whose frames end up with different sizes (`do_resize=False`).
+        """
+        pixels = None
+        for b, video in enumerate(videos):  # (T, 3, H, W) each, same T (padded before)
+            for start in range(0, len(video), PREPROCESS_CHUNK):
+                chunk = video[start : start + PREPROCESS_CHUNK]
+                if do_resize:
+                    chunk = self.resize(chunk, size=size, resample=resample)
+                if do_center_crop:
+                    chunk = self.center_crop(chunk, crop_size)
+                chunk = self.rescale_and_normalize(
+                    chunk, do_rescale, rescale_factor, do_normalize, image_mean, image_std
+                )
+                if pixels is None:
+                    pixels = torch.empty(
+                        (len(videos), len(video), *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device
+                    )
+                if chunk.shape[1:] != pixels.shape[2:]:
+                    raise ValueError(
+                        f"The videos of one batch must have one frame size: video 0 has {tuple(pixels.shape[3:])}, video "
+                        f"{b} {tuple(chunk.shape[2:])}. Keep do_resize=True (the default) to resize them to size."
+                    )
+                pixels[b, start : start + len(chunk)] = chunk.to(pixels.dtype)
+        return BatchFeature(
+            data={"pixel_values_videos": pixels if return_tensors else list(pixels)}, tensor_type=return_tensors
+        )
 
 
-__all__ = ["StormVideoProcessor", "StormVideoMetadata", "StormVideosKwargs", "read_video_pyav", "sample_frame_indices"]
+def _per_video_metadata(video_metadata, count: int) -> list:
+    """The caller's `video_metadata` (for decoded frames: their `fps`) as one dict (or None) per video."""
+    if video_metadata is None:
+        return [None] * count
+    if not isinstance(video_metadata, (list, tuple)):
+        video_metadata = [video_metadata]
+    if video_metadata and isinstance(video_metadata[0], (list, tuple)):
+        video_metadata = [entry for entries in video_metadata for entry in entries]
+    if len(video_metadata) != count:
+        raise ValueError(f"Got {count} videos but {len(video_metadata)} video_metadata entries; pass one per video.")
+    return [entry if isinstance(entry, dict) or entry is None else vars(entry) for entry in video_metadata]
+
+
+def _pad_frame_counts(frames: list[torch.Tensor], metadata: list[VideoMetadata]) -> None:
+    """Pad every video of a batch to the longest by repeating its last frame (in place); the metadata lists it."""
+    longest = max(len(clip) for clip in frames)
+    if all(len(clip) == longest for clip in frames):
+        return
+    logger.warning_once(
+        f"The videos of one batch have different frame counts ({[len(clip) for clip in frames]}): the shorter ones are "
+        f"padded to {longest} by repeating their last frame (video_metadata.frames_indices lists it). Sample with "
+        "num_frames, or process such videos one at a time, to avoid padding."
+    )
+    for i, clip in enumerate(frames):
+        extra = longest - len(clip)
+        if extra:
+            frames[i] = torch.cat([clip, clip[-1:].expand(extra, *clip.shape[1:])])
+            metadata[i].frames_indices = [*metadata[i].frames_indices, *[metadata[i].frames_indices[-1]] * extra]
+
+
+__all__ = [
+    "StormVideoMetadata",
+    "StormVideoProcessor",
+    "StormVideosKwargs",
+    "read_video_pyav",
+    "sample_frame_indices",
+]

@@ -2,8 +2,10 @@ import pytest
 import torch
 import transformers
 from packaging import version
+from PIL import Image
 from storm_testing import tiny_config
 from transformers import AutoProcessor, AutoTokenizer, AutoVideoProcessor
+from video_files import numbered_frames
 
 from conversion.checkpoint import add_placeholder_tokens, build_processor
 from modeling_storm import StormConfig, StormForConditionalGeneration
@@ -106,14 +108,21 @@ def test_images_and_several_videos_in_one_batch(tokenizer, videos_dir):
     assert inputs["attention_mask"][0, 0] == 0 and inputs["attention_mask"][1].all()
     per_video = config.num_video_tokens(4)
     assert (inputs["input_ids"] == config.video_token_id).sum(1).tolist() == [per_video, per_video]
-    images = processor(text=["<|image_pad|>\nhi"], images=[torch.randint(0, 255, (3, 50, 70), dtype=torch.uint8)], return_tensors="pt")
+    images = processor(
+        text=["<|image_pad|>\nhi"], images=[torch.randint(0, 255, (3, 50, 70), dtype=torch.uint8)], return_tensors="pt"
+    )
     assert images["pixel_values"].shape == (1, 3, 32, 32)
     assert int((images["input_ids"] == config.image_token_id).sum()) == config.num_image_tokens()
 
 
 def test_bytes_video_in_a_message(tokenizer, video_path):
     processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=4)
-    message = [{"role": "user", "content": [{"type": "video", "video": video_path.read_bytes()}, {"type": "text", "text": "?"}]}]
+    message = [
+        {
+            "role": "user",
+            "content": [{"type": "video", "video": video_path.read_bytes()}, {"type": "text", "text": "?"}],
+        }
+    ]
     inputs = processor.apply_chat_template(message, tokenize=True, return_dict=True, return_tensors="pt")
     assert inputs["pixel_values_videos"].shape[1] == 4
 
@@ -124,7 +133,9 @@ def test_bytes_video_in_a_message(tokenizer, video_path):
 )
 def test_assistant_tokens_mask_covers_the_reply_and_its_end_token(tokenizer, video_path):
     processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=4)
-    conversation = video_message(video_path) + [{"role": "assistant", "content": [{"type": "text", "text": "A rabbit."}]}]
+    conversation = video_message(video_path) + [
+        {"role": "assistant", "content": [{"type": "text", "text": "A rabbit."}]}
+    ]
     out = processor.apply_chat_template(
         conversation, tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True
     )
@@ -144,4 +155,43 @@ def test_errors_name_the_problem(tokenizer, video_path):
         processor(text=["<|video_pad|>"], videos=[str(video_path)], num_frames=4)
     bare = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     with pytest.raises(ValueError, match=r"The tokenizer has no '<\|image_pad\|>' token"):
-        StormProcessor(image_processor=processor.image_processor, tokenizer=bare, video_processor=processor.video_processor)
+        StormProcessor(
+            image_processor=processor.image_processor, tokenizer=bare, video_processor=processor.video_processor
+        )
+
+
+def test_mixed_batches_need_no_torchcodec(tokenizer, video_path, tmp_path):
+    """A video conversation next to a text-only one; a file next to decoded frames; frame files as one video."""
+    config = storm_config(tokenizer)
+    processor = build_processor(config, tokenizer, num_frames=4)
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "Hello?"}]}]
+    inputs = processor.apply_chat_template(
+        [video_message(video_path), text_only],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True},
+    )
+    assert inputs["pixel_values_videos"].shape[:2] == (1, 4)
+    assert (inputs["input_ids"] == config.video_token_id).sum(1).tolist() == [config.num_video_tokens(4), 0]
+    frames = numbered_frames(8, 40, 40)
+    inputs = processor(
+        text=["<|video_pad|>a", "<|video_pad|>b"], videos=[str(video_path), frames], return_tensors="pt"
+    )
+    assert inputs["pixel_values_videos"].shape == (2, 4, 3, 32, 32)
+    paths = []
+    for i, frame in enumerate(frames[:4]):
+        paths.append(str(tmp_path / f"frame{i}.jpg"))
+        Image.fromarray(frame).save(paths[-1])
+    message = [{"role": "user", "content": [{"type": "video", "path": paths}, {"type": "text", "text": "?"}]}]
+    inputs = processor.apply_chat_template(message, tokenize=True, return_dict=True, return_tensors="pt")
+    assert inputs["pixel_values_videos"].shape == (1, 4, 3, 32, 32)  # one video of 4 frames, not 4 videos
+    assert int((inputs["input_ids"] == config.video_token_id).sum()) == config.num_video_tokens(4)
+
+
+def test_a_video_path_that_is_a_number(tokenizer):
+    processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=4)
+    message = [{"role": "user", "content": [{"type": "video", "path": 5}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(TypeError, match=r"videos\[0\]\[0\] is a int \(5\)\. A video is a path"):
+        processor.apply_chat_template(message, tokenize=True, return_dict=True)
