@@ -11,6 +11,7 @@ import bisect
 import functools
 import io
 import math
+import numbers
 import os
 import urllib.parse
 import urllib.request
@@ -726,41 +727,68 @@ def _warn_concealed(name: str, concealed: set[int], wanted: list[int], index: _F
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _check_count(name: str, value, minimum: int = 1) -> int:
+    """`value` as an `int` >= `minimum`; a bool, float or anything else is a `TypeError`/`ValueError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number of frames (int), got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+    return int(value)
+
+
+def _check_fps(fps) -> float:
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real):
+        raise TypeError(f"fps must be a number of frames per second, got {fps!r} ({type(fps).__name__}).")
+    if not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"fps must be a positive, finite number of frames per second, got {fps}. E.g. fps=1.")
+    return float(fps)
+
+
 def sample_frame_indices(
-    metadata: VideoMetadata, num_frames: int | None = None, fps: float | None = None, keyframes_only: bool = False
+    metadata: VideoMetadata,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    keyframes_only: bool = False,
+    temporal_pool_size: int = 1,
+    max_frames: int | None = None,
 ) -> np.ndarray:
     """Indices of the frames nearest to uniformly spaced times.
 
     `num_frames`: that many times spread evenly from the first to the last frame (both included, as VILA's
-    `np.linspace`). `fps`: one frame every `1/fps` seconds from the first frame, `max(1, int(duration * fps))` frames.
+    `np.linspace`). `fps`: `floor(duration · fps)` frames, floored to a multiple of `temporal_pool_size` (k), at
+    least k and at most `max_frames` (floored to a multiple of k); one frame every `1/fps` seconds from the first
+    frame when that count needs no flooring, else the count spread evenly over the whole video (a rate a little below
+    or, for videos shorter than k/fps, above `fps`; `metadata.timestamps` gives the real times).
     Times come from `metadata.frame_timestamps` when known (variable frame rate), else from frame indices.
     `keyframes_only`: choose among keyframes only (`metadata.keyframe_indices`), distinct and in time order, as close
     to the target times as possible: only those frames need decoding, which makes long videos many times faster to
-    sample; each sampled time moves by up to about half a keyframe interval (`metadata.timestamps` gives the real ones).
+    sample; each sampled time moves by up to about half a keyframe interval.
 
     Raises:
-        ValueError: both or neither of `num_frames` / `fps`; more frames asked than the video (or, with
-        `keyframes_only`, its keyframes) has; fps sampling of a video whose frame rate is unknown.
+        ValueError: both or neither of `num_frames` / `fps`; a count or rate that is zero, negative, NaN or infinite;
+        more frames asked than the video (or, with `keyframes_only`, its keyframes) has; fps sampling of a video whose
+        frame rate is unknown. TypeError: a count that is not an int (a bool, a float), an fps that is not a number.
     """
     if (num_frames is None) == (fps is None):
         raise ValueError(f"Pass exactly one of num_frames or fps (got num_frames={num_frames}, fps={fps}).")
     total = metadata.total_num_frames
     times = getattr(metadata, "frame_timestamps", None)
     if fps is not None:
-        if metadata.fps is None and times is None:
-            raise ValueError(
-                "Sampling at fps needs the video's frame rate: pass video_metadata with fps, a file path, or num_frames."
-            )
-        video_fps = metadata.fps
-        times = np.asarray(times if times is not None else np.arange(total) / video_fps)
-        num_frames = max(1, int(total / video_fps * fps))
-        targets = times[0] + np.arange(num_frames) / fps
+        targets, num_frames = _fps_targets(metadata, _check_fps(fps), temporal_pool_size, max_frames)
+        times = np.asarray(times if times is not None else np.arange(total) / metadata.fps)
+        targets = times[0] + targets
     else:
+        num_frames = _check_count("num_frames", num_frames)
         times = np.asarray(times if times is not None else np.arange(total, dtype=float))
         targets = np.linspace(times[0], times[-1], num_frames)
     if num_frames > total:
         raise ValueError(
-            f"Asked for {num_frames} frames but the video has only {total}. Use num_frames<={total} or a lower fps."
+            f"Asked for {num_frames} frames but the video has only {total}. Use num_frames<={total} or a lower fps"
+            + (
+                " (decoded frames: do_sample_frames=False keeps them all)."
+                if getattr(metadata, "video_backend", None) != "pyav"
+                else "."
+            )
         )
     if keyframes_only:
         keyframes = getattr(metadata, "keyframe_indices", None)
@@ -777,6 +805,27 @@ def sample_frame_indices(
     left = right - 1
     nearest = np.where(np.abs(targets - times[left]) <= np.abs(times[right] - targets), left, right)
     return nearest.clip(0, total - 1)
+
+
+def _fps_targets(metadata: VideoMetadata, fps: float, k: int, max_frames: int | None) -> tuple[np.ndarray, int]:
+    """Target times (seconds from the first frame) and count of fps sampling; see `sample_frame_indices`."""
+    if not metadata.fps:
+        raise ValueError(
+            "Sampling at fps needs the video's frame rate: pass video_metadata with fps, a file path, or num_frames."
+        )
+    k = _check_count("temporal_pool_size", k)
+    duration = metadata.total_num_frames / metadata.fps
+    exact = int(duration * fps + 1e-9)
+    count = max(k, exact - exact % k)
+    if max_frames is not None and count > max_frames:
+        count = max(k, _check_count("max_frames", max_frames) // k * k)
+        logger.warning_once(
+            f"fps sampling is capped at max_frames={max_frames} frames per video: a video longer than "
+            f"{max_frames / fps:.0f} s at fps={fps:g} gets {count} frames spread over its whole length (a lower rate; "
+            "video_metadata.timestamps gives the times). Raise max_frames or lower fps to choose."
+        )
+    step = 1 / fps if count == exact else duration / count
+    return np.arange(count) * step, count
 
 
 def _match_in_order(targets: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -804,14 +853,22 @@ def _match_in_order(targets: np.ndarray, candidates: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class StormVideosKwargs(VideosKwargs, total=False):
+class StormVideoProcessorKwargs(VideosKwargs, total=False):
     """`VideosKwargs` plus:
 
     keyframes_only (`bool`, *optional*, defaults to `False`):
         Sample keyframes only (see `sample_frame_indices`): much faster on long videos, frame times approximate.
+    temporal_pool_size (`int`, *optional*, defaults to 1):
+        k of temporal pooling: `fps` sampling gives a multiple of k frames, at least k. `StormProcessor` passes its
+        own (the model's).
+    max_frames (`int`, *optional*, defaults to 3600):
+        Most frames `fps` sampling takes from one video (floored to a multiple of k); longer videos get that many
+        frames spread over their whole length. Explicit `num_frames` is not capped.
     """
 
     keyframes_only: bool
+    temporal_pool_size: int
+    max_frames: int
 
 
 class StormVideoProcessor(BaseVideoProcessor):
@@ -823,8 +880,8 @@ class StormVideoProcessor(BaseVideoProcessor):
     lists of frames (PIL images, arrays) and lists of frame files (image paths or URLs: one video). A batch may mix
     them, nest them per sample, and include samples without videos. Frames are sampled either as `num_frames`
     uniformly over the whole duration or at `fps` frames per second (one of the two; `fps` wins over the default
-    `num_frames`), by timestamp; with `keyframes_only=True` among keyframes only, which decodes one frame per sample
-    (long videos).
+    `num_frames`; with k = `temporal_pool_size` the fps count is a multiple of k, at least k, at most `max_frames`),
+    by timestamp; with `keyframes_only=True` among keyframes only, which decodes one frame per sample (long videos).
 
     Output: `pixel_values_videos` of shape `(num_videos, num_frames, 3, size["height"], size["width"])`, and
     `video_metadata` (indices, timestamps in seconds, fps) with `return_metadata=True`. Videos of one batch with
@@ -832,7 +889,8 @@ class StormVideoProcessor(BaseVideoProcessor):
     last frame, and their `video_metadata.frames_indices` list that frame again (a warning says so once).
 
     Defaults: 448×448 bicubic resize without keeping the aspect ratio (done while decoding for encoded videos),
-    rescale to [0, 1], normalize with mean = std = 0.5 (PaliGemma SigLIP), 32 frames.
+    rescale to [0, 1], normalize with mean = std = 0.5 (PaliGemma SigLIP), 32 frames; `max_frames` = 3600 (one hour
+    at fps=1).
     """
 
     resample = PILImageResampling.BICUBIC
@@ -845,29 +903,25 @@ class StormVideoProcessor(BaseVideoProcessor):
     do_convert_rgb = True
     do_sample_frames = True
     num_frames = 32
+    max_frames = 3600
     keyframes_only = False
-    valid_kwargs = StormVideosKwargs
+    valid_kwargs = StormVideoProcessorKwargs
     model_input_names = ["pixel_values_videos"]
 
     def preprocess(self, videos, **kwargs) -> BatchFeature:
         """Decode, sample and normalise `videos` (see the class docstring); returns `pixel_values_videos` (B, T, 3, H, W).
 
         Raises:
-            TypeError / ValueError: a video that is not valid, with what was expected.
+            TypeError / ValueError: an argument or a video that is not valid, with what was expected.
         """
-        if kwargs.get("fps") is not None:
-            if kwargs.get("num_frames") is not None:
-                raise ValueError(
-                    f"Pass either num_frames or fps, not both (got num_frames={kwargs['num_frames']}, fps={kwargs['fps']})."
-                )
-            kwargs["num_frames"] = None  # an explicit fps replaces the default num_frames
+        kwargs = self._checked_kwargs(kwargs)
         videos = _flatten_videos(videos)
         if not videos:
             raise ValueError("No video given (an empty list). Pass a video file, frames, or a list of them.")
         given = _per_video_metadata(kwargs.pop("video_metadata", None), len(videos))
         sample = None
         if kwargs.get("do_sample_frames", self.do_sample_frames) is not False:
-            names = ("num_frames", "fps", "keyframes_only")
+            names = ("num_frames", "fps", "keyframes_only", "temporal_pool_size", "max_frames")
             sample = functools.partial(self.sample_frames, **{name: kwargs.get(name) for name in names})
         frames, metadata = [], []
         for i, (video, known) in enumerate(zip(videos, given)):
@@ -903,24 +957,67 @@ class StormVideoProcessor(BaseVideoProcessor):
             frames = frames[torch.from_numpy(indices)]
         return frames, metadata
 
+    def _checked_kwargs(self, kwargs: dict) -> dict:
+        """`kwargs` with the sampling counts, rate and size checked (numpy integers become ints); an explicit `fps`
+        replaces the default `num_frames`."""
+        kwargs = dict(kwargs)
+        for name in ("num_frames", "max_frames", "temporal_pool_size"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = _check_count(name, kwargs[name])
+        if kwargs.get("fps") is not None:
+            _check_fps(kwargs["fps"])
+            if kwargs.get("num_frames") is not None:
+                raise ValueError(
+                    f"Pass either num_frames or fps, not both (got num_frames={kwargs['num_frames']}, fps={kwargs['fps']})."
+                )
+            kwargs["num_frames"] = None  # an explicit fps replaces the default num_frames
+        self._decode_size(kwargs)  # checks the size
+        return kwargs
+
     def _decode_size(self, kwargs) -> tuple[int, int] | None:
-        """`(height, width)` the frames will be resized to, so that decoding can scale them right away."""
+        """`(height, width)` the frames will be resized to, so that decoding can scale them right away.
+
+        Raises:
+            ValueError: a size whose height or width is not a positive int.
+        """
         size = kwargs.get("size") or self.size
         if not kwargs.get("do_resize", self.do_resize) or size is None:
             return None
-        height, width = (
-            (size.get("height"), size.get("width")) if isinstance(size, dict) else (size.height, size.width)
-        )
-        return (height, width) if height and width else None
+        if isinstance(size, dict):
+            height, width = size.get("height"), size.get("width")
+        else:
+            height, width = getattr(size, "height", None), getattr(size, "width", None)
+        if height is None and width is None:
+            return None
+        for value in (height, width):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(
+                    f"size must give a positive height and width in pixels, e.g. {{'height': 448, 'width': 448}}; got {size}."
+                )
+        return int(height), int(width)
 
     def sample_frames(
-        self, metadata: VideoMetadata, num_frames=None, fps=None, keyframes_only: bool | None = None, **kwargs
+        self,
+        metadata: VideoMetadata,
+        num_frames=None,
+        fps=None,
+        keyframes_only: bool | None = None,
+        temporal_pool_size: int | None = None,
+        max_frames: int | None = None,
+        **kwargs,
     ):
-        """Frame indices to keep; see `sample_frame_indices`."""
+        """Frame indices to keep; see `sample_frame_indices`. Defaults: the processor's `num_frames`, `keyframes_only`,
+        `max_frames` and `temporal_pool_size` (1 if unset)."""
         if num_frames is None and fps is None:
             num_frames = self.num_frames
-        keyframes_only = self.keyframes_only if keyframes_only is None else keyframes_only
-        return sample_frame_indices(metadata, num_frames=num_frames, fps=fps, keyframes_only=keyframes_only)
+        return sample_frame_indices(
+            metadata,
+            num_frames=num_frames,
+            fps=fps,
+            keyframes_only=self.keyframes_only if keyframes_only is None else keyframes_only,
+            temporal_pool_size=temporal_pool_size or getattr(self, "temporal_pool_size", None) or 1,
+            max_frames=self.max_frames if max_frames is None else max_frames,
+        )
 
     def _preprocess(
         self,
@@ -1003,7 +1100,7 @@ def _pad_frame_counts(frames: list[torch.Tensor], metadata: list[VideoMetadata])
 __all__ = [
     "StormVideoMetadata",
     "StormVideoProcessor",
-    "StormVideosKwargs",
+    "StormVideoProcessorKwargs",
     "read_video_pyav",
     "sample_frame_indices",
 ]

@@ -13,7 +13,7 @@ from PIL import Image
 from video_files import frame_index, numbered_frames, write_audio_only, write_video
 
 from processing_storm import StormVideoProcessor, read_video_pyav, sample_frame_indices
-from processing_storm.video_processing_storm import StormVideoMetadata
+from processing_storm.video_processing_storm import StormVideoMetadata, StormVideoProcessorKwargs
 
 
 def decode_all(path) -> list[np.ndarray]:
@@ -307,3 +307,69 @@ def test_videos_with_different_frame_counts_are_padded_with_their_last_frame(cap
     assert pixels.shape == (2, 6, 3, 16, 16)
     assert first.frames_indices == [0, 5, 5, 5, 5, 5] and second.frames_indices == [0, 5, 10, 15, 20, 25]
     torch.testing.assert_close(pixels[0, 2:], pixels[0, 1:2].expand(4, -1, -1, -1))
+
+
+# --- arguments are checked where they enter ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_frames": 0}, ValueError, "num_frames must be at least 1, got 0"),
+        ({"num_frames": -2}, ValueError, "num_frames must be at least 1, got -2"),
+        ({"num_frames": 2.5}, TypeError, r"num_frames must be a whole number of frames \(int\), got 2.5"),
+        ({"num_frames": True}, TypeError, r"num_frames must be a whole number of frames \(int\), got True"),
+        ({"fps": 0}, ValueError, "fps must be a positive, finite number of frames per second, got 0"),
+        ({"fps": -1}, ValueError, "fps must be a positive, finite number .* got -1"),
+        ({"fps": float("nan")}, ValueError, "fps must be a positive, finite number .* got nan"),
+        ({"fps": float("inf")}, ValueError, "fps must be a positive, finite number .* got inf"),
+        ({"fps": True}, TypeError, "fps must be a number of frames per second, got True"),
+        ({"fps": "2"}, TypeError, "fps must be a number of frames per second, got '2'"),
+        ({"fps": 1, "num_frames": 4}, ValueError, "either num_frames or fps, not both"),
+        ({"max_frames": 0, "fps": 1}, ValueError, "max_frames must be at least 1"),
+        ({"temporal_pool_size": 0, "fps": 1}, ValueError, "temporal_pool_size must be at least 1"),
+        ({"size": {"height": 0, "width": 16}}, ValueError, "size must give a positive height and width"),
+        ({"size": {"height": -3, "width": 16}}, ValueError, "size must give a positive height and width"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_the_value(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        small_processor()(numbered_frames(10), video_metadata={"fps": 5, "total_num_frames": 10}, **kwargs)
+
+
+def test_numpy_integers_are_counts():
+    assert pixels(numbered_frames(10), num_frames=np.int64(4)).shape[1] == 4
+
+
+def metadata_of(seconds: float, fps: float = 25.0) -> StormVideoMetadata:
+    count = round(seconds * fps)
+    return StormVideoMetadata(total_num_frames=count, fps=fps, frame_timestamps=[i / fps for i in range(count)])
+
+
+@pytest.mark.parametrize(
+    "seconds, fps, k, max_frames, count, first_times",
+    [
+        (10, 2, 4, None, 20, [0.0, 0.5, 1.0]),  # already a multiple of k: exactly every 1/fps
+        (10, 1.5, 4, None, 12, [0.0, 0.84, 1.68]),  # 15 floored to 12, spread over the 10 s
+        (2, 1, 4, None, 4, [0.0, 0.48, 1.0]),  # shorter than k/fps: k frames
+        (3600, 1, 4, 3600, 3600, [0.0, 1.0, 2.0]),  # one hour at 1 fps
+        (7200, 1, 4, 3602, 3600, [0.0, 2.0, 4.0]),  # two hours: capped at max_frames floored to k, spread
+    ],
+)
+def test_fps_sampling_gives_a_multiple_of_k_between_k_and_max_frames(seconds, fps, k, max_frames, count, first_times):
+    indices = sample_frame_indices(metadata_of(seconds), fps=fps, temporal_pool_size=k, max_frames=max_frames)
+    assert len(indices) == count and len(set(indices.tolist())) == count
+    assert [i / 25 for i in indices[:3]] == pytest.approx(first_times, abs=0.02 + 1e-9)
+    assert indices[-1] / 25 >= seconds - seconds / count - 0.04  # the samples reach the end of the video
+
+
+def test_fps_sampling_through_the_processor_defaults_to_max_frames(caplog):
+    processor = small_processor()
+    assert "max_frames (`int`, *optional*, defaults to 3600)" in StormVideoProcessorKwargs.__doc__
+    assert processor.max_frames == 3600 and "`max_frames` = 3600" in StormVideoProcessor.__doc__
+    video = numbered_frames(30)  # 6 s at 5 fps
+    with caplog.at_level(logging.WARNING):
+        out = processor(
+            video, fps=5, max_frames=8, temporal_pool_size=4, video_metadata={"fps": 5}, return_tensors="pt"
+        )
+    assert out["pixel_values_videos"].shape[1] == 8 and "capped at max_frames=8" in caplog.text
