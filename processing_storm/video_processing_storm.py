@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
-import PIL.Image
 import torch
 from av.video.reformatter import VideoReformatter
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import ChannelDimension, PILImageResampling, load_image
+from transformers.image_utils import ChannelDimension, PILImageResampling, is_pil_image, load_image
 from transformers.processing_utils import VideosKwargs
 from transformers.utils import logging
 from transformers.video_processing_utils import BaseVideoProcessor
@@ -85,7 +84,7 @@ def _is_frame_file(item) -> bool:
 
 def _is_frame(item) -> bool:
     """One decoded frame: a PIL image, or an array/tensor with 3 dimensions."""
-    return isinstance(item, PIL.Image.Image) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 3)
+    return is_pil_image(item) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 3)
 
 
 def _flatten_videos(videos, where: str = "videos") -> list:
@@ -123,7 +122,7 @@ def _flatten_videos(videos, where: str = "videos") -> list:
                     "each video as its own list (or file, or array)."
                 )
         return [video for i, item in enumerate(videos) for video in _flatten_videos(item, f"{where}[{i}]")]
-    if isinstance(videos, PIL.Image.Image):
+    if is_pil_image(videos):
         raise TypeError(
             f"{where} is a single image. A video is a list of frames (PIL images) or a file; pass still images with "
             "images=."
@@ -149,7 +148,7 @@ def _stack_frames(frames: list, where: str) -> np.ndarray | torch.Tensor:
     """One video from a list of frames: PIL images (converted to RGB), frame files, or 3-D arrays/tensors."""
     if _is_frame_file(frames[0]):
         frames = [_load_frame_file(path, where) for path in frames]
-    if isinstance(frames[0], PIL.Image.Image):
+    if is_pil_image(frames[0]):
         frames = [np.asarray(frame.convert("RGB")) for frame in frames]
     shapes = [tuple(frame.shape) for frame in frames]
     for i, shape in enumerate(shapes):
@@ -161,7 +160,7 @@ def _stack_frames(frames: list, where: str) -> np.ndarray | torch.Tensor:
     return torch.stack(frames) if isinstance(frames[0], torch.Tensor) else np.stack([np.asarray(f) for f in frames])
 
 
-def _load_frame_file(path, where: str) -> PIL.Image.Image:
+def _load_frame_file(path, where: str):
     path = os.fspath(path)
     if not path.startswith(("http://", "https://", "data:")) and not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: frame file not found: {path}.")
@@ -186,6 +185,8 @@ def _frames_tensor(video, where: str, do_rescale: bool, data_format=None) -> tor
                 f"{where}: frames of dtype {frames.dtype} are not pixels. Pass uint8 RGB frames (0..255), or float "
                 "frames in 0..1 with do_rescale=False."
             )
+        if any(stride < 0 for stride in frames.strides):  # e.g. a BGR -> RGB view, frames[..., ::-1]
+            frames = frames.copy()
         frames = torch.from_numpy(frames)
     if frames.dtype == torch.bool or frames.is_complex():
         raise TypeError(

@@ -198,6 +198,7 @@ def test_every_form_of_decoded_frames_gives_the_same_pixels(tmp_path):
         "list of PIL frames": [Image.fromarray(frame) for frame in video],
         "list of arrays": list(video),
         "list of frame files": [str(path) for path in files],
+        "reversed-channel view": np.ascontiguousarray(video[..., ::-1])[..., ::-1],  # BGR -> RGB, negative strides
         "a batch (5-D)": video[None],
     }
     for form, value in same.items():
