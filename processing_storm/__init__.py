@@ -8,15 +8,22 @@ from transformers import AutoProcessor, AutoVideoProcessor
 from modeling_storm import StormConfig
 
 from .processing_storm import StormProcessor, default_chat_template
-from .video_processing_storm import StormVideoMetadata, StormVideoProcessor, read_video_pyav, sample_frame_indices
+from .video_processing_storm import (
+    StormVideoMetadata,
+    StormVideoProcessor,
+    StormVideoProcessorKwargs,
+    read_video_pyav,
+    sample_frame_indices,
+)
 
 AutoVideoProcessor.register(StormConfig, StormVideoProcessor, exist_ok=True)
 AutoProcessor.register(StormConfig, StormProcessor, exist_ok=True)
 
 __all__ = [
     "StormProcessor",
-    "StormVideoProcessor",
     "StormVideoMetadata",
+    "StormVideoProcessor",
+    "StormVideoProcessorKwargs",
     "default_chat_template",
     "read_video_pyav",
     "sample_frame_indices",

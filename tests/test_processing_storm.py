@@ -2,8 +2,10 @@ import pytest
 import torch
 import transformers
 from packaging import version
+from PIL import Image
 from storm_testing import tiny_config
 from transformers import AutoProcessor, AutoTokenizer, AutoVideoProcessor
+from video_files import numbered_frames
 
 from conversion.checkpoint import add_placeholder_tokens, build_processor
 from modeling_storm import StormConfig, StormForConditionalGeneration
@@ -106,14 +108,21 @@ def test_images_and_several_videos_in_one_batch(tokenizer, videos_dir):
     assert inputs["attention_mask"][0, 0] == 0 and inputs["attention_mask"][1].all()
     per_video = config.num_video_tokens(4)
     assert (inputs["input_ids"] == config.video_token_id).sum(1).tolist() == [per_video, per_video]
-    images = processor(text=["<|image_pad|>\nhi"], images=[torch.randint(0, 255, (3, 50, 70), dtype=torch.uint8)], return_tensors="pt")
+    images = processor(
+        text=["<|image_pad|>\nhi"], images=[torch.randint(0, 255, (3, 50, 70), dtype=torch.uint8)], return_tensors="pt"
+    )
     assert images["pixel_values"].shape == (1, 3, 32, 32)
     assert int((images["input_ids"] == config.image_token_id).sum()) == config.num_image_tokens()
 
 
 def test_bytes_video_in_a_message(tokenizer, video_path):
     processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=4)
-    message = [{"role": "user", "content": [{"type": "video", "video": video_path.read_bytes()}, {"type": "text", "text": "?"}]}]
+    message = [
+        {
+            "role": "user",
+            "content": [{"type": "video", "video": video_path.read_bytes()}, {"type": "text", "text": "?"}],
+        }
+    ]
     inputs = processor.apply_chat_template(message, tokenize=True, return_dict=True, return_tensors="pt")
     assert inputs["pixel_values_videos"].shape[1] == 4
 
@@ -124,7 +133,9 @@ def test_bytes_video_in_a_message(tokenizer, video_path):
 )
 def test_assistant_tokens_mask_covers_the_reply_and_its_end_token(tokenizer, video_path):
     processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=4)
-    conversation = video_message(video_path) + [{"role": "assistant", "content": [{"type": "text", "text": "A rabbit."}]}]
+    conversation = video_message(video_path) + [
+        {"role": "assistant", "content": [{"type": "text", "text": "A rabbit."}]}
+    ]
     out = processor.apply_chat_template(
         conversation, tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True
     )
@@ -137,11 +148,116 @@ def test_errors_name_the_problem(tokenizer, video_path):
     processor = build_processor(config, tokenizer, num_frames=6)
     with pytest.raises(ValueError, match="num_frames=6 is not a multiple of temporal_pool_size=4.*Sample 4 or 8"):
         processor(text=["<|video_pad|>"], videos=[str(video_path)])
-    with pytest.raises(ValueError, match=r"fps=1.5 gave 7 frames for video 0\. num_frames=7 is not a multiple"):
-        processor(text=["<|video_pad|>"], videos=[str(video_path)], fps=1.5)
     processor.video_processor.size = {"height": 32, "width": 48}
     with pytest.raises(ValueError, match="square frames"):
         processor(text=["<|video_pad|>"], videos=[str(video_path)], num_frames=4)
+    processor.video_processor.size = {"height": 16, "width": 16}
+    with pytest.raises(
+        ValueError, match=r"frames are 16×16 pixels but the vision tower takes 32×32 \(image_processor"
+    ):
+        processor(text=["<|video_pad|>"], videos=[str(video_path)], num_frames=4)
+    processor.video_processor.size = {"height": 32, "width": 32}
+    processor.temporal_sample_rate = 0
+    with pytest.raises(ValueError, match="temporal_sample_rate must be a positive int .* got 0"):
+        processor(text=["<|video_pad|>"], videos=[str(video_path)], num_frames=4)
+    with pytest.raises(ValueError, match="spatial_pool_size must be a positive int .* got 2.0"):
+        build_processor(config, tokenizer, num_frames=4).__class__(
+            image_processor=processor.image_processor,
+            tokenizer=tokenizer,
+            video_processor=processor.video_processor,
+            spatial_pool_size=2.0,
+        )
     bare = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     with pytest.raises(ValueError, match=r"The tokenizer has no '<\|image_pad\|>' token"):
-        StormProcessor(image_processor=processor.image_processor, tokenizer=bare, video_processor=processor.video_processor)
+        StormProcessor(
+            image_processor=processor.image_processor, tokenizer=bare, video_processor=processor.video_processor
+        )
+
+
+def test_fps_sampling_gives_a_multiple_of_k_frames(tokenizer, video_path):
+    config = storm_config(tokenizer, temporal_pool_size=4)
+    processor = build_processor(config, tokenizer, num_frames=8)
+    inputs = processor(
+        text=["<|video_pad|>"], videos=[str(video_path)], fps=1.5, return_metadata=True, return_tensors="pt"
+    )
+    metadata = inputs["video_metadata"][0]  # 5.28 s at 1.5 fps = 7 frames, floored to 4, spread over the clip
+    assert inputs["pixel_values_videos"].shape[1] == 4 and metadata.frames_indices == [0, 33, 66, 99]
+    assert int((inputs["input_ids"] == config.video_token_id).sum()) == config.num_video_tokens(4)
+
+
+def test_mixed_batches_need_no_torchcodec(tokenizer, video_path, tmp_path):
+    """A video conversation next to a text-only one; a file next to decoded frames; frame files as one video."""
+    config = storm_config(tokenizer)
+    processor = build_processor(config, tokenizer, num_frames=4)
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "Hello?"}]}]
+    inputs = processor.apply_chat_template(
+        [video_message(video_path), text_only],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True},
+    )
+    assert inputs["pixel_values_videos"].shape[:2] == (1, 4)
+    assert (inputs["input_ids"] == config.video_token_id).sum(1).tolist() == [config.num_video_tokens(4), 0]
+    frames = numbered_frames(8, 40, 40)
+    inputs = processor(
+        text=["<|video_pad|>a", "<|video_pad|>b"], videos=[str(video_path), frames], return_tensors="pt"
+    )
+    assert inputs["pixel_values_videos"].shape == (2, 4, 3, 32, 32)
+    paths = []
+    for i, frame in enumerate(frames[:4]):
+        paths.append(str(tmp_path / f"frame{i}.jpg"))
+        Image.fromarray(frame).save(paths[-1])
+    message = [{"role": "user", "content": [{"type": "video", "path": paths}, {"type": "text", "text": "?"}]}]
+    inputs = processor.apply_chat_template(message, tokenize=True, return_dict=True, return_tensors="pt")
+    assert inputs["pixel_values_videos"].shape == (1, 4, 3, 32, 32)  # one video of 4 frames, not 4 videos
+    assert int((inputs["input_ids"] == config.video_token_id).sum()) == config.num_video_tokens(4)
+
+
+def test_videos_of_different_lengths_at_one_fps_run_through_the_model(tokenizer, videos_dir, video_path):
+    config = storm_config(tokenizer, temporal_pool_size=4)
+    processor = build_processor(config, tokenizer, num_frames=8)
+    conversations = [video_message(video_path, "Short?"), video_message(videos_dir / "bikes.mp4", "Long?")]
+    inputs = processor.apply_chat_template(
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"fps": 1, "padding": True, "return_metadata": True},
+    )
+    first, second = inputs.pop("video_metadata")  # 5.28 s -> 5 -> 4 frames, 10 s -> 10 -> 8 frames (every 1.25 s)
+    assert len(set(first.frames_indices)) == 4 and first.frames_indices[4:] == [first.frames_indices[3]] * 4
+    assert second.frames_indices == [0, 31, 63, 94, 125, 156, 188, 219]  # the first is padded to 8
+    assert inputs["pixel_values_videos"].shape[:2] == (2, 8)
+    assert (inputs["input_ids"] == config.video_token_id).sum(1).tolist() == [config.num_video_tokens(8)] * 2
+    model = StormForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[:2] == inputs["input_ids"].shape
+
+
+@pytest.mark.parametrize(
+    "conversation, message",
+    [
+        (
+            [{"role": "user", "content": {"type": "text", "text": "hi"}}],
+            r"conversation, message 0: content must be .*got a dict",
+        ),
+        ([{"role": "user", "content": 5}], r"content must be a string or a list of parts.*got a int \(5\)"),
+        ([{"role": "user", "content": ["hi"]}], r"message 0, part 0 must be a dict with a 'type'"),
+        (["hi"], r"message 0 must be a dict with 'role' and 'content'"),
+        ([[{"role": "user", "content": "a"}], "b"], r"conversation 1 must be a list of messages, got a str"),
+    ],
+)
+def test_malformed_conversations_say_where(tokenizer, conversation, message):
+    processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=4)
+    with pytest.raises(TypeError, match=message):
+        processor.apply_chat_template(conversation, tokenize=True)
+
+
+def test_a_video_path_that_is_a_number(tokenizer):
+    processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=4)
+    message = [{"role": "user", "content": [{"type": "video", "path": 5}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(TypeError, match=r"videos\[0\]\[0\] is a int \(5\)\. A video is a path"):
+        processor.apply_chat_template(message, tokenize=True, return_dict=True)
