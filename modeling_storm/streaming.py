@@ -14,6 +14,7 @@ pooling, one LLM forward over its tokens), and a question costs only its own tok
 Exact: after N frames, the answer is the offline model's on the same N frames and prompt (`tests/test_streaming.py`).
 """
 
+import copy
 import os
 import time
 from dataclasses import dataclass
@@ -147,9 +148,11 @@ class StormStreamingSession:
             no group was completed, or when temporal sampling skips the new pooled frames).
 
         Raises:
-            ValueError: the new tokens would leave fewer than `reserve_tokens` of the LLM context (nothing is added);
-            a file or container that cannot be read.
+            ValueError: the new tokens would leave fewer than `reserve_tokens` of the LLM context (nothing is added,
+            and a file path is read from the same frame at the next call; frames read from a PyAV container are
+            lost); a file or container that cannot be read.
         """
+        sources = copy.deepcopy(self._sources)  # where each file was left, restored if the frames are refused
         if isinstance(frames, (str, os.PathLike, av.container.InputContainer)):
             frames = self._decode(frames, max_frames)
             if frames is None:
@@ -159,7 +162,11 @@ class StormStreamingSession:
             pixels = torch.cat([self._pending, pixels])
         pool_size = self.model.config.temporal_pool_size
         ready = pixels.shape[0] - pixels.shape[0] % pool_size
-        self._check_budget(ready)
+        try:
+            self._check_budget(ready)
+        except ValueError:
+            self._sources = sources  # a file is read again from the same frame next time (a container cannot be)
+            raise
         self.frames_seen += len(pixels) - (0 if self._pending is None else len(self._pending))
         self._pending = pixels[ready:] if ready < len(pixels) else None
         if not ready:

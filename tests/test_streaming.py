@@ -108,7 +108,7 @@ def test_reports_count_frames_tokens_and_the_context_left(uni_checkpoint):
     assert "frames_seen=8" in repr(session)
 
 
-def test_a_full_context_is_an_error_that_says_what_to_do(uni_checkpoint):
+def test_a_full_context_is_an_error_that_says_what_to_do(uni_checkpoint, tmp_path):
     model, processor = load(uni_checkpoint)
     session = StormStreamingSession(model, processor, reserve_tokens=100)
     room = (1024 - 100 - session.tokens_cached) // 16 * 4  # frames whose tokens fit
@@ -117,6 +117,11 @@ def test_a_full_context_is_an_error_that_says_what_to_do(uni_checkpoint):
         session.append(video(4))
     assert session.frames_seen == room and session.frames_encoded == room  # nothing was added
     assert session.ask(QUESTION, max_new_tokens=8, do_sample=False).frames == room  # the reserve is for questions
+    _write_mjpeg(tmp_path / "clip.mkv", video(4))
+    with pytest.raises(ValueError, match="context is full"):
+        session.append(tmp_path / "clip.mkv")
+    session.reserve_tokens = 0  # make room: the file is read again from its first frame
+    assert session.append(tmp_path / "clip.mkv").shape == (16, 48) and session.frames_seen == room + 4
     with pytest.raises(ValueError, match=r"max_new_tokens=500 do not fit"):
         session.ask(QUESTION, max_new_tokens=500)
 
