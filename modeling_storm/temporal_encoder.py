@@ -230,8 +230,8 @@ class StormTemporalEncoder(PreTrainedModel):
     _no_split_modules = ["StormMambaLayer"]
     # No attention inside: any attention implementation requested for the whole model is fine here.
     _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
-    # Regexes searched in parameter names: A_log, A_b_log, D and D_b stay fp32 under a bf16/fp16 `from_pretrained`.
-    _keep_in_fp32_modules_strict = ["mixer.A_log", "mixer.A_b_log", "mixer.D"]
+    # Whole dotted names: A_log, A_b_log, D and D_b stay fp32 under a bf16/fp16 `from_pretrained`.
+    _keep_in_fp32_modules_strict = ["mixer.A_log", "mixer.A_b_log", "mixer.D", "mixer.D_b"]
 
     def __init__(self, config: StormTemporalEncoderConfig):
         super().__init__(config)
