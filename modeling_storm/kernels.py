@@ -1,10 +1,15 @@
-"""The optional CUDA kernels of the temporal encoder, found on first use (never at import time).
+"""The optional fast paths of the temporal encoder, found on first use (never at import time).
 
-mamba_ssm's `selective_scan_fn` and causal_conv1d's `causal_conv1d_fn` have the signatures of our torch spec
-(`selective_scan.selective_scan`, `torch.nn.Conv1d` + SiLU). Importing either package raises on machines without
-their compiled CUDA extensions (`ModuleNotFoundError: selective_scan_cuda`), so they are imported here lazily and
-cached; `mamba_kernels.cache_clear()` forgets the result (tests). `selective_scan_with_state` (plain torch around
-the kernel) gives the kernel the initial state and differentiable last state that a chunked scan needs.
+- mamba_ssm's `selective_scan_fn` and causal_conv1d's `causal_conv1d_fn` have the signatures of our torch spec
+  (`selective_scan.selective_scan`, `torch.nn.Conv1d` + SiLU). Importing either package raises on machines without
+  their compiled CUDA extensions (`ModuleNotFoundError: selective_scan_cuda`), so they are imported here lazily and
+  cached; `mamba_kernels.cache_clear()` forgets the result (tests). `mamba_scan` gives mamba_ssm's kernel the initial
+  state and differentiable last state of the spec (through `selective_scan_with_state`, plain torch around it).
+- `triton_selective_scan` is our Triton scan (`selective_scan_triton.py`, forward and backward, with the spec's
+  signature): the GPU path where mamba_ssm is not installed. Triton ships with CUDA builds of torch.
+
+Which one runs is decided in one place, `StormMambaMixer._scan`: mamba_ssm when it imports, else Triton, for CUDA
+tensors when `temporal_encoder_config.use_mamba_kernels` is on; the torch spec otherwise.
 """
 
 import functools
@@ -33,6 +38,30 @@ def mamba_kernels() -> MambaKernels:
     return MambaKernels(selective_scan_fn, causal_conv1d_fn)
 
 
+@functools.cache
+def triton_selective_scan() -> Callable | None:
+    """`selective_scan_triton.selective_scan_triton`, or None where Triton cannot be imported (CPU-only torch)."""
+    try:
+        from .selective_scan_triton import selective_scan_triton
+    except ImportError:
+        return None
+    return selective_scan_triton
+
+
+def mamba_scan(scan_fn: Callable) -> Callable:
+    """mamba_ssm's `scan_fn` with the torch spec's signature: called as it is when no state is carried, through
+    `selective_scan_with_state` when an initial state is given or the last state is asked for."""
+
+    def scan(*args, initial_state=None, return_last_state=False, **kwargs):
+        if initial_state is None and not return_last_state:
+            return scan_fn(*args, **kwargs)
+        return selective_scan_with_state(
+            scan_fn, *args, **kwargs, initial_state=initial_state, return_last_state=return_last_state
+        )
+
+    return scan
+
+
 # Δ of the steps that load an initial state into mamba_ssm's scan (`selective_scan_with_state`). With Δ = 2^-48,
 # exp(Δ·A) rounds to exactly 1 in float32 for every |A| < 2^23, and Δ·(h0·2^48) = h0 exactly (scaling by powers of
 # two does not round).
@@ -59,8 +88,8 @@ def selective_scan_with_state(
     inputs for the chunk. On a CPU, `scan_fn=selective_scan` (the torch spec, started from h = 0) gives the same as
     `selective_scan(..., initial_state=h0, return_last_state=True)`, which is how this is tested without a GPU.
 
-    Args: as `selective_scan.selective_scan` (mamba_ssm's `selective_scan_fn` plus `initial_state`
-        `(batch, dim, state)`, or None for h0 = 0).
+    Args: as `selective_scan.selective_scan` (mamba_ssm's `selective_scan_fn`, B and C in groups or not, plus
+        `initial_state` `(batch, dim, state)`, or None for h0 = 0).
 
     Returns:
         `torch.Tensor` `(batch, dim, seqlen)` in the dtype of `u`; with `return_last_state`, also the last state
@@ -71,8 +100,9 @@ def selective_scan_with_state(
     dtype = u.dtype
     delta = delta.float() if delta_bias is None else delta.float() + delta_bias.float()[:, None]
     delta = F.softplus(delta) if delta_softplus else delta  # (b, d, l)
-    one_hot = torch.eye(num_states, device=delta.device).expand(batch, num_states, num_states)  # (b, n, n)
-    nothing = delta.new_zeros(batch, num_states, num_states)  # (b, n, n)
+    groups = (batch, B.shape[1]) if B.dim() == 4 else (batch,)  # B, C (b, [g,] n, l)
+    one_hot = torch.eye(num_states, device=delta.device).expand(*groups, num_states, num_states)  # (b, [g,] n, n)
+    nothing = delta.new_zeros(*groups, num_states, num_states)  # (b, [g,] n, n)
     zeros = delta.new_zeros(batch, dim, num_states)  # (b, d, n)
     entry = initial_state is not None
     # (u, Δ, B, C) of the entry steps (an initial state, (b, d, n), read as n time steps) and of the exit steps
@@ -81,7 +111,7 @@ def selective_scan_with_state(
     inputs = [
         torch.cat([*(steps[i] for steps in before), chunk, *(steps[i] for steps in after)], dim=-1).contiguous()
         for i, chunk in enumerate((u.float(), delta, B.float(), C.float()))
-    ]  # u, Δ (b, d, [n +] l [+ n]); B, C (b, n, [n +] l [+ n]); float32
+    ]  # u, Δ (b, d, [n +] l [+ n]); B, C (b, [g,] n, [n +] l [+ n]); float32
     del delta
     out = scan_fn(*inputs[:2], A, *inputs[2:], D=D, delta_softplus=False)  # (b, d, [n +] l [+ n]) float32
     del inputs
