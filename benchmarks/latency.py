@@ -465,6 +465,13 @@ def bench_scan(repeats) -> list[dict]:
             _sweep_row(rows, measure, triton_scan, one, label, backward=True)
     finally:
         selective_scan_triton.CONFIG.update(default)
+    for key, sweep_rows in (("forward (ms)", rows[-len(backward_sweep) - len(sweep) : -len(backward_sweep)]),
+                            ("forward+backward (ms)", rows[-len(backward_sweep) :])):
+        timed_rows = [row for row in sweep_rows if key in row]
+        if timed_rows:
+            best = min(timed_rows, key=lambda row: row[key])
+            rows.append({"check": f"fastest Triton configuration, {key.split(' ')[0]}", "configuration": best["path"],
+                         key: best[key], "default": _config_name(default)})
     return rows
 
 

@@ -24,13 +24,16 @@ Design (one program per (batch, group, block of `BLOCK_E` channels), sequential 
 Everything is computed in float32; outputs and gradients are returned in the dtypes of their inputs.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 # Launch configuration: time steps per tile (also the spacing of the states saved for the backward), channels per
-# program, warps per program. Chosen from the sweep of `benchmarks/latency.py --sections scan` (docs/benchmarks.md).
-CONFIG = {"BLOCK_T": 32, "BLOCK_E": 8, "num_warps": 4, "BACKWARD_BLOCK_E": 8, "backward_num_warps": 4}
+# program and warps, of the forward and of the backward. `benchmarks/latency.py --sections scan` times others on a
+# GPU and prints the fastest (docs/benchmarks.md).
+CONFIG = {"BLOCK_T": 16, "BLOCK_E": 8, "num_warps": 4, "BACKWARD_BLOCK_E": 4, "backward_num_warps": 4}
 
 
 @triton.jit
@@ -294,16 +297,17 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     out = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
     last = torch.empty(batch, dim, block_n, device=u.device, dtype=torch.float32)
     saved = torch.empty(batch, num_tiles if save else 0, dim, block_n, device=u.device, dtype=torch.float32)
-    _scan_forward_kernel[_grid(dim, groups, batch, config["BLOCK_E"])](
-        u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), _or(initial_state, u),
-        out, last, saved,
-        length, dim, dim // groups, state_size,
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_or(z, u).stride(),
-        *(initial_state.stride() if initial_state is not None else (0, 0, 0)), *out.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_H0=initial_state is not None, SAVE=save,
-        BLOCK_T=config["BLOCK_T"], BLOCK_E=config["BLOCK_E"], BLOCK_N=block_n, num_warps=config["num_warps"],
-    )
+    with _on_device(u):
+        _scan_forward_kernel[_grid(dim, groups, batch, config["BLOCK_E"])](
+            u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), _or(initial_state, u),
+            out, last, saved,
+            length, dim, dim // groups, state_size,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_or(z, u).stride(),
+            *(initial_state.stride() if initial_state is not None else (0, 0, 0)), *out.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            HAS_H0=initial_state is not None, SAVE=save,
+            BLOCK_T=config["BLOCK_T"], BLOCK_E=config["BLOCK_E"], BLOCK_N=block_n, num_warps=config["num_warps"],
+        )
     return out, last[..., :state_size], saved
 
 
@@ -320,17 +324,23 @@ def _backward(inputs, saved, dout, dlast, delta_softplus, config):
     dD, dbias = torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
     if dlast is not None:  # (b, d, BLOCK_N) float32, as the kernel reads it
         dlast = torch.nn.functional.pad(dlast.float(), (0, block_n - state_size)).contiguous()
-    _scan_backward_kernel[_grid(dim, groups, batch, config["BACKWARD_BLOCK_E"])](
-        u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), saved, dout, _or(dlast, u),
-        du, ddelta, _or(dz, u), dB, dC, dA, dD, dbias, dh0,
-        length, dim, dim // groups, state_size,
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_or(z, u).stride(), *dout.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        HAS_DLAST=dlast is not None,
-        BLOCK_T=config["BLOCK_T"], BLOCK_E=config["BACKWARD_BLOCK_E"], BLOCK_N=block_n,
-        num_warps=config["backward_num_warps"],
-    )
+    with _on_device(u):
+        _scan_backward_kernel[_grid(dim, groups, batch, config["BACKWARD_BLOCK_E"])](
+            u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), saved, dout, _or(dlast, u),
+            du, ddelta, _or(dz, u), dB, dC, dA, dD, dbias, dh0,
+            length, dim, dim // groups, state_size,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_or(z, u).stride(), *dout.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            HAS_DLAST=dlast is not None,
+            BLOCK_T=config["BLOCK_T"], BLOCK_E=config["BACKWARD_BLOCK_E"], BLOCK_N=block_n,
+            num_warps=config["backward_num_warps"],
+        )
     return (du, ddelta, dA.sum(0)[:, :state_size], dB, dC, dD.sum(0), dz, dbias.sum(0), dh0[..., :state_size])
+
+
+def _on_device(tensor):
+    """Launch on the tensors' GPU (Triton launches on the current device), or anywhere under the interpreter."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _or(tensor, placeholder):
