@@ -7,9 +7,10 @@ Sections (pick with --sections; all GPU sections by default, in this order):
   sweep of others) and the torch spec; forward and forward+backward; the Triton/mamba_ssm ratio (target ≤ 5×); the
   Triton forward at a quarter of the length (linear: ×4); and the Triton scan's errors against the torch spec
   (float32, outputs and every gradient, with initial and last state) and against mamba_ssm (bf16, outputs).
-- `encoder`: the temporal encoder alone (2 bidirectional layers), forward and forward+backward, on each scan path
-  (mamba_ssm + causal_conv1d, Triton, torch), at width 256 / 4096 tokens and the paper's width 3584 / 32768 tokens
-  (forward only for the torch path there, whose saved states would need ~200 GB).
+- `encoder`: the temporal encoder alone (2 bidirectional layers), forward and forward+backward, on each path
+  (mamba_ssm + causal_conv1d; Triton scan + causal_conv1d; Triton scan + torch convolution, what a GPU without either
+  package runs; torch), at width 256 / 4096 tokens and the paper's width 3584 / 32768 tokens (forward only for the
+  torch path there, whose saved states would need ~200 GB).
 - `encoder-profile`: one 128-frame k=4 STORM-7B prefill (time to first token and its stages), then the temporal
   encoder of that prefill alone under torch.profiler, on each available scan path: GPU time by piece (GEMMs, scan,
   convolution, flips/concatenations/copies and casts, other element-wise ops, LayerNorm) and its share of the TTFT.
@@ -161,14 +162,16 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def scan_path(path: str):
-    """Run the temporal encoder's scan on `path` ("mamba_ssm", "triton" or "torch"): the Triton path hides mamba_ssm's
-    scan from `StormMambaMixer._scan` (causal_conv1d stays), the torch path turns `use_mamba_kernels` off."""
+    """Run the temporal encoder on `path`: "mamba_ssm" (its scan, causal_conv1d's convolution when installed),
+    "triton" (our Triton scan, causal_conv1d's convolution when installed), "triton, torch conv" (what a GPU without
+    either package runs) or "torch" (`use_mamba_kernels` off). Yields the value `use_mamba_kernels` must take."""
     import modeling_storm.temporal_encoder as temporal_encoder
     from modeling_storm.kernels import MambaKernels, mamba_kernels
 
     original = temporal_encoder.mamba_kernels
-    if path == "triton":
-        temporal_encoder.mamba_kernels = lambda: MambaKernels(None, mamba_kernels().causal_conv1d_fn)
+    if path.startswith("triton"):
+        conv = None if path == "triton, torch conv" else mamba_kernels().causal_conv1d_fn
+        temporal_encoder.mamba_kernels = lambda: MambaKernels(None, conv)
     try:
         yield path != "torch"
     finally:
@@ -178,8 +181,12 @@ def scan_path(path: str):
 def available_scan_paths() -> list[str]:
     from modeling_storm.kernels import mamba_kernels, triton_selective_scan
 
-    paths = ["mamba_ssm"] if DEVICE == "cuda" and mamba_kernels().selective_scan_fn is not None else []
-    return paths + (["triton"] if DEVICE == "cuda" and triton_selective_scan() is not None else []) + ["torch"]
+    if DEVICE != "cuda":
+        return ["torch"]
+    paths = ["mamba_ssm"] if mamba_kernels().selective_scan_fn is not None else []
+    if triton_selective_scan() is not None:
+        paths += ["triton", "triton, torch conv"] if mamba_kernels().causal_conv1d_fn is not None else ["triton"]
+    return paths + ["torch"]
 
 
 @contextlib.contextmanager
