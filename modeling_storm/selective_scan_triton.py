@@ -27,8 +27,12 @@ Everything is computed in float32; outputs and gradients are returned in the dty
 import contextlib
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # Triton ships with CUDA builds of torch (not with transformers); kernels.py imports this module only on use
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("The Triton selective scan needs Triton (installed with CUDA builds of torch).") from error
 
 # Launch configuration: time steps per tile (also the spacing of the states saved for the backward), channels per
 # program and warps, of the forward and of the backward. `benchmarks/latency.py --sections scan` times others on a

@@ -80,7 +80,7 @@ class StormMambaMixer(nn.Module):
 
     Both directions run as one: one convolution over the two directions' channels stacked (the backward one's in
     reversed time order) and one selective scan with B and C in two groups of channels, as mamba_ssm's kernel takes
-    them, so that the only copies are the reversed x and the reversed output.
+    them, so that the only copies are the stacked x (half of it reversed) and the reversed output.
     """
 
     def __init__(self, config: StormTemporalEncoderConfig):
@@ -137,7 +137,7 @@ class StormMambaMixer(nn.Module):
 
     def backward_scan_state(self, hidden_states: torch.Tensor, state: StormScanState | None) -> StormScanState:
         """The backward scan's state after reading the chunk `(B, c, D)` right to left, starting from `state`."""
-        x = self.in_proj(hidden_states)[..., : self.config.intermediate_size]  # (B, c, E): z only gates y
+        x = F.linear(hidden_states, self.in_proj.weight[: self.config.intermediate_size])  # (B, c, E): z only gates y
         return self._scan([x.transpose(1, 2).flip(-1)], self.directions()[1:], [state], return_state=True)[1][0]
 
     def _scan(self, xs, directions, states, return_state):
