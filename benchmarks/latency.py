@@ -546,8 +546,11 @@ KERNEL_PIECES = [
 
 def kernel_pieces(prof, top: int = 12) -> tuple[list[dict], list[dict]]:
     """GPU time of a torch.profiler run by piece (KERNEL_PIECES) and the `top` costliest kernels."""
-    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and not e.key.startswith("aten::")
-               and not e.key.startswith("cuda") and "Memcpy" not in e.key and "Memset" not in e.key]
+    from torch.autograd import DeviceType
+
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and "Memcpy" not in e.key and "Memset" not in e.key]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # GPU kernels, not the operators above them
+    kernels = kernels or [e for e in events if not e.key.startswith(("aten::", "cuda"))]
     if not kernels:  # the CPU (--smoke): the ATen operators' own CPU time
         kernels = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
         time_of = lambda e: e.self_cpu_time_total  # noqa: E731
