@@ -119,6 +119,27 @@ def test_triton_scan_equals_the_reference_outputs_and_gradients(interpreter_erro
     assert errors and all(value <= tolerance for value in errors.values()), errors
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(B=(2, 3, 4, 10)), "B must have shape"),  # 3 groups do not divide 8 channels
+        (dict(C=(2, 5, 10)), "C must have shape"),
+        (dict(delta=(2, 8, 9)), "delta and z must have the shape of u"),
+        (dict(A=(7, 4)), "A must have shape"),
+        (dict(initial_state=(2, 8, 3)), "initial_state must have shape"),
+    ],
+)
+def test_triton_scan_names_the_argument_whose_shape_is_wrong(change, message):
+    """Checked before any kernel runs (no GPU needed)."""
+    import torch
+
+    triton_scan = pytest.importorskip("modeling_storm.selective_scan_triton")
+    shapes = dict(u=(2, 8, 10), delta=(2, 8, 10), A=(8, 4), B=(2, 4, 10), C=(2, 4, 10), initial_state=None) | change
+    inputs = {name: None if shape is None else torch.zeros(shape) for name, shape in shapes.items()}
+    with pytest.raises(ValueError, match=message):
+        triton_scan.selective_scan_triton(**inputs)
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (the test fixture does)"
     print(json.dumps({name: _errors(**kwargs) for name, (kwargs, _) in CASES.items()}))
