@@ -22,6 +22,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_storm import StormConfig
+from .kernels import vision_layer_runner
 from .temporal_encoder import StormTemporalEncoder
 
 try:  # transformers >= 5.24: the multimodal outputs (with `image_outputs` / `video_outputs`) and the name `cache`
@@ -145,8 +146,9 @@ def vision_hidden_state(vision_tower: nn.Module, pixel_values: torch.Tensor, lay
         )
     layers = vision_tower.encoder.layers
     hidden_states = vision_tower.embeddings(pixel_values)  # (F, P, C)
+    run_layer = vision_layer_runner(hidden_states)  # compiled for CUDA inference (kernels.py)
     for encoder_layer in layers[: layer % (len(layers) + 1)]:
-        hidden_states = encoder_layer(hidden_states, None)  # (F, P, C); SigLIP's vision layers take no mask
+        hidden_states = run_layer(encoder_layer, hidden_states)  # (F, P, C)
     return hidden_states
 
 
