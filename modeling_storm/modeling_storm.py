@@ -272,13 +272,15 @@ class StormModel(StormPreTrainedModel):
             `tokens_per_video = config.num_video_tokens(num_frames, training=self.training)`.
 
         Raises:
-            ValueError: if the input is not 5-D or `num_frames` is not a multiple of `temporal_pool_size`.
+            ValueError: if the input is not 5-D float frames of the vision tower's size (`vision_config.image_size`)
+            or `num_frames` is not a multiple of `temporal_pool_size`.
         """
         if pixel_values_videos.dim() != 5:
             raise ValueError(
                 f"pixel_values_videos must have shape (batch_size, num_frames, 3, height, width), got "
                 f"{tuple(pixel_values_videos.shape)}. Use StormVideoProcessor to build it."
             )
+        self._check_pixels(pixel_values_videos, "pixel_values_videos")
         batch, frames = pixel_values_videos.shape[:2]
         expected = self.config.num_video_tokens(frames, training=self.training)  # validates frames vs k
         features = self._encode(pixel_values_videos, is_video=True).reshape(batch, expected, -1)
@@ -298,8 +300,41 @@ class StormModel(StormPreTrainedModel):
             raise ValueError(
                 f"pixel_values must have shape (num_images, 3, height, width), got {tuple(pixel_values.shape)}."
             )
+        self._check_pixels(pixel_values, "pixel_values")
         features = self._encode(pixel_values.unsqueeze(1), is_video=False)  # (I, 1, N', D)
         return BaseModelOutputWithPooling(pooler_output=features.flatten(1, 2))
+
+    def _check_pixels(self, pixels: torch.Tensor, name: str) -> None:
+        """Frames `(..., 3, H, W)` as the processor returns them: floating point, `num_channels` channels, H = W =
+        `vision_config.image_size` (the vision tower's position embeddings fit that size only).
+
+        Raises:
+            ValueError: another dtype, channel count or size, naming what was expected.
+        """
+        vision = self.config.vision_config
+        channels, side = getattr(vision, "num_channels", 3), vision.image_size
+        if pixels.is_floating_point() and tuple(pixels.shape[-3:]) == (channels, side, side):
+            return
+        raise ValueError(
+            f"{name} must be normalised float frames of shape (..., {channels}, {side}, {side}) (channels first; "
+            f"{side} = vision_config.image_size, the size the vision tower takes); got {pixels.dtype} of shape "
+            f"{tuple(pixels.shape)}. Build them with the checkpoint's StormProcessor / StormVideoProcessor (size "
+            f"{{'height': {side}, 'width': {side}}}), which resizes, rescales and normalises the frames."
+        )
+
+    def _check_placeholders_have_inputs(self, input_ids, pixel_values, pixel_values_videos) -> None:
+        """Placeholder tokens in a prompt that comes without the images/videos they stand for would reach the LLM as
+        plain token embeddings (a silent wrong answer)."""
+        for token_id, pixels, kind, name in (
+            (self.config.video_token_id, pixel_values_videos, "video", "pixel_values_videos"),
+            (self.config.image_token_id, pixel_values, "image", "pixel_values"),
+        ):
+            count = int((input_ids == token_id).sum())
+            if count and pixels is None:
+                raise ValueError(
+                    f"input_ids has {count} {kind} placeholder tokens (id {token_id}) but no {name} was passed. Pass "
+                    f"the {kind}s' {name} from the same StormProcessor call that built input_ids."
+                )
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, token_id: int
@@ -372,12 +407,16 @@ class StormModel(StormPreTrainedModel):
                 accepted).
 
         Raises:
-            ValueError: placeholder tokens and visual features disagree in number; the prompt exceeds the LLM context.
+            ValueError: placeholder tokens and visual features disagree in number (placeholders without pixels
+            included); pixels of another dtype or size than the vision tower takes; the prompt exceeds the LLM
+            context.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        if input_ids is not None and (cache is None or cache.get_seq_length() == 0):  # a prompt, not a decoding step
+            self._check_placeholders_have_inputs(input_ids, pixel_values, pixel_values_videos)
 
         image_outputs = video_outputs = None
         if pixel_values is not None or pixel_values_videos is not None:
