@@ -8,6 +8,7 @@ match the model config (`StormConfig.temporal_pool_size` etc.; conversion writes
 import math
 from importlib import resources
 
+from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import ProcessorMixin
 
 from modeling_storm.configuration_storm import get_num_visual_tokens
@@ -140,7 +141,27 @@ class StormProcessor(ProcessorMixin):
         return self.image_token * count
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """transformers' checks, and one placeholder in `text` per video and per image (older transformers do not
+        count them: a placeholder without its video would reach the model as a plain token).
+
+        Raises:
+            ValueError: the placeholders in `text` and the videos or images given differ in number.
+        """
         super().validate_inputs(images=images, text=text, videos=_countable_videos(videos), audio=audio, **kwargs)
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(sample, str) for sample in texts):
+            return  # no text, or pre-tokenized text
+        for token, kind, count in (
+            (self.video_token, "video", 0 if videos is None else len(_flatten_videos(videos))),
+            (self.image_token, "image", 0 if images is None else len(make_flat_list_of_images(images))),
+        ):
+            placeholders = sum(sample.count(token) for sample in texts)
+            if placeholders != count:
+                raise ValueError(
+                    f"The text has {placeholders} {token} placeholders but {count or 'no'} {kind}s were given: put one "
+                    f"{token} in the text where each {kind} goes (apply_chat_template does so for each "
+                    f"{{'type': '{kind}'}} part)."
+                )
 
     def _process_videos(self, videos, **kwargs):
         """`pixel_values_videos` (fps sampling gives a multiple of `temporal_pool_size` frames) and the placeholder
