@@ -1,8 +1,9 @@
 """The `storm` command: parses, validates every flag, and dispatches. Importing it imports neither torch nor
 transformers, so `storm --help` and flag errors answer at once; each subcommand imports what it needs when it runs.
 
-    storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F] [--max-new-tokens M]
-                   (default model: the miniature STORM trained on synthetic clips, checkpoints/storm-tiny-synthetic)
+    storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F [--max-frames N]] [--fit]
+                   [--max-new-tokens M]   (prints the frames, visual tokens and context fit before decoding;
+                   default model: the miniature STORM trained on synthetic clips, checkpoints/storm-tiny-synthetic)
     storm fetch-assets [--output assets] [--with-llm]                                 (conversion/cli.py)
     storm build-tiny-random [--output assets/storm-tiny-random]
     storm convert {compose,vila,gguf} …
@@ -86,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
         "--num-frames", type=positive_int, help="frames sampled uniformly, a multiple of k (default: the processor's)"
     )
     frames.add_argument("--fps", type=positive_float, help="sample this many frames per second instead")
+    gen.add_argument(
+        "--max-frames", type=positive_int, help="with --fps: at most this many frames, spread over the whole video "
+        "(default: the processor's, 3600)"
+    )
+    gen.add_argument(
+        "--fit", action="store_true", help="if the video's tokens do not fit the LLM context: with --fps, the most "
+        "frames that fit; with a frame count, the lowest temporal sampling rate s that fits (says what it picked)"
+    )
     gen.add_argument("--max-new-tokens", type=positive_int, default=64)
     gen.add_argument(
         "--temporal-sample-rate", type=positive_int, help="test-time temporal sampling s (model and processor)"

@@ -7,11 +7,12 @@ from transformers import AutoProcessor, AutoVideoProcessor
 
 from modeling_storm import StormConfig
 
-from .processing_storm import StormProcessor, default_chat_template
+from .processing_storm import StormProcessor, VideoTokenBudget, default_chat_template, video_token_budget
 from .video_processing_storm import (
     StormVideoMetadata,
     StormVideoProcessor,
     StormVideoProcessorKwargs,
+    read_video_metadata,
     read_video_pyav,
     sample_frame_indices,
 )
@@ -24,7 +25,10 @@ __all__ = [
     "StormVideoMetadata",
     "StormVideoProcessor",
     "StormVideoProcessorKwargs",
+    "VideoTokenBudget",
     "default_chat_template",
+    "read_video_metadata",
     "read_video_pyav",
     "sample_frame_indices",
+    "video_token_budget",
 ]

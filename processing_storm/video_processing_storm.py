@@ -658,11 +658,7 @@ def read_video_pyav(
     """
     name = _describe(source)
     data = _load_source(source)
-    with _open_container(data, name) as container:
-        if not container.streams.video:
-            raise ValueError(f"{name} contains no video stream (audio-only or not a video file).")
-        stream = container.streams.video[0]
-        index = _index_frames(container, stream, name)
+    index, _ = _read_index(data, name)
     height, width, transform = _display_geometry(data, name)
     for _ in range(
         2
@@ -683,6 +679,40 @@ def read_video_pyav(
     metadata.frames_indices = indices.tolist()
     frames = out if np.array_equal(wanted, indices) else out[inverse.reshape(-1)]
     return frames, metadata
+
+
+def read_video_metadata(source) -> StormVideoMetadata:
+    """The metadata of a video file from its container only: the stream is demuxed to index its frames (presentation
+    timestamps, keyframes), and no frame is decoded. What `read_video_pyav` gives a sampler, so that the frames a
+    sampling will take (and the visual tokens they make: `processing_storm.video_token_budget`) are known before any
+    decoding; 0.2 s for a 10-minute 720p video, 2.3 s for an hour (docs/benchmarks.md).
+
+    Args:
+        source (`str`, `os.PathLike`, `bytes`, `memoryview` or binary file object): as `read_video_pyav`.
+
+    Returns:
+        `StormVideoMetadata`: `total_num_frames`, `frame_timestamps` (seconds from the first frame),
+        `keyframe_indices`, `fps` (average, from the timestamps) and `duration` (seconds) as `read_video_pyav` gives
+        them; `width` × `height` are the stream's coded size (before a display matrix turns it; decoding gives the
+        displayed size); `frames_indices` is `None` (nothing sampled yet). For a stream without timestamps (raw
+        `.h264`) the count is that of its packets, which decoding may correct.
+
+    Raises:
+        FileNotFoundError: missing file. TypeError: a text-mode file object. ValueError: empty, truncated, corrupt or
+        non-video input, or no video stream.
+    """
+    name = _describe(source)
+    index, (height, width) = _read_index(_load_source(source), name)
+    return _metadata(index, width, height)
+
+
+def _read_index(data, name: str) -> tuple[_FrameIndex, tuple[int, int]]:
+    """The frame index of the first video stream of `data` (by demuxing) and its coded `(height, width)`."""
+    with _open_container(data, name) as container:
+        if not container.streams.video:
+            raise ValueError(f"{name} contains no video stream (audio-only or not a video file).")
+        stream = container.streams.video[0]
+        return _index_frames(container, stream, name), (stream.codec_context.height, stream.codec_context.width)
 
 
 def _metadata(index: _FrameIndex, width: int, height: int) -> StormVideoMetadata:
@@ -1135,6 +1165,7 @@ __all__ = [
     "StormVideoMetadata",
     "StormVideoProcessor",
     "StormVideoProcessorKwargs",
+    "read_video_metadata",
     "read_video_pyav",
     "sample_frame_indices",
 ]
