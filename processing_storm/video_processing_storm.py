@@ -10,6 +10,7 @@ Shape legend: T frames, H × W frame height × width (pixels), B videos in a bat
 import base64
 import binascii
 import bisect
+import contextlib
 import functools
 import io
 import math
@@ -18,6 +19,7 @@ import os
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
@@ -332,10 +334,12 @@ def _decode_data_uri(uri: str, name: str) -> bytes:
         ) from None
 
 
-def _open_container(data: str | bytes, name: str, threads: int = 0) -> av.container.InputContainer:
+@contextlib.contextmanager
+def _open_container(data: str | bytes, name: str, threads: int = 0) -> Iterator[av.container.InputContainer]:
     """Open a path or encoded bytes from `_load_source` with PyAV; its first video stream decodes with `threads`
     FFmpeg threads (0: as many as cores), frame- and slice-parallel ("AUTO": not slice-only, which would switch off
-    the H.264 error concealment that flags damaged frames)."""
+    the H.264 error concealment that flags damaged frames). On exit the decoder is drained before the container
+    closes: see `_drain`."""
     try:
         container = av.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except av.error.FFmpegError as error:
@@ -343,11 +347,28 @@ def _open_container(data: str | bytes, name: str, threads: int = 0) -> av.contai
             f"Could not read {name} as a video ({error.strerror}). The file is truncated, corrupt or not a video "
             "(a complete MP4/WebM/MKV/AVI… file is expected)."
         ) from None
-    if container.streams.video:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        stream.codec_context.thread_count = threads
-    return container
+    with container:
+        if container.streams.video:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
+        try:
+            yield container
+        finally:
+            _drain(container)
+
+
+def _drain(container: av.container.InputContainer) -> None:
+    """Flush the video decoder to its end. A frame-threaded FFmpeg decoder freed mid-stream (we stop after the last
+    sampled frame) is freed while Python holds the GIL; when PyAV's log callback is on (`av.logging.set_level`, which
+    torchvision<0.22 calls on import), its threads wait for the GIL and the process hangs (PyAV-Org/PyAV#1849).
+    Flushing lets the threads finish first, with the GIL released."""
+    if not container.streams.video or not container.streams.video[0].codec_context.is_open:
+        return
+    try:
+        container.streams.video[0].codec_context.decode(None)
+    except av.error.FFmpegError:
+        pass  # a damaged stream's last frames: they were not wanted
 
 
 @dataclass
