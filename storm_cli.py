@@ -9,6 +9,7 @@ transformers, so `storm --help` and flag errors answer at once; each subcommand 
     storm convert {compose,vila,gguf} …
     storm train --config training/configs/sft_lora.yaml [--flag value …]              (training/cli.py)
     storm stream --model DIR --video FILE --questions Q.jsonl [--speed X] [--fps F]   (modeling_storm/streaming.py)
+    storm serve [--model DIR] [--host 127.0.0.1] [--port 8000]                         (modeling_storm/serving.py)
 
 Each package adds its subcommands with a `register(subparsers)` function that imports nothing heavy. A flag value
 that cannot be right (`--num-frames 0`, `--fps -1`, `--dtype banana`) is an argparse error that names the flag, the
@@ -61,6 +62,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; give one from 1 to 65535")
+    return value
+
+
 def _run(module: str, function: str):
     """A subcommand's run function, imported only when the subcommand runs."""
 
@@ -105,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     conversion.cli.register(commands)
     training.cli.register(commands)
     _register_stream(commands)
+    _register_serve(commands)
     return parser
 
 
@@ -123,6 +133,27 @@ def _register_stream(commands) -> None:
     stream.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, … (default: cuda if present, else cpu)")
     stream.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's)")
     stream.set_defaults(run=_run("modeling_storm.streaming", "stream_command"))
+
+
+def _register_serve(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a checkpoint with transformers' OpenAI-compatible server (text, image and video content parts)",
+        description="Run transformers' OpenAI-compatible server (`transformers serve`) with STORM registered, for one "
+        "checkpoint. Content parts: text, image_url, video_url (local path on the server, http(s) URL, base64 data "
+        "URI). Videos get the processor's num_frames unless a request passes chat_template_kwargs num_frames or fps. "
+        "Needs the serving packages: pip install 'storm-transformers[serve]'.",
+    )
+    serve.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"checkpoint folder or Hub id (default: {DEFAULT_MODEL})"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)"
+    )
+    serve.add_argument("--port", type=port_number, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default auto: accelerate's device_map)")
+    serve.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's)")
+    serve.set_defaults(run=_run("modeling_storm.serving", "serve_command"))
 
 
 def main(argv: list[str] | None = None) -> int:
