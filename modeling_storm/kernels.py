@@ -202,6 +202,19 @@ class Fp8Linear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+@functools.cache
+def has_fp8_matmul(device: torch.device) -> bool:
+    """Whether `torch._scaled_mm` runs on `device` (a 16×16 product): every CUDA build on compute capability ≥ 8.9;
+    on the CPU only in newer torch releases (2.6 has none)."""
+    one = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+    scale = torch.ones((), device=device)
+    try:
+        torch._scaled_mm(one, one.t(), scale_a=scale, scale_b=scale, out_dtype=torch.float32)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 def quantize_linears_fp8(module: torch.nn.Module) -> int:
     """Replace every `nn.Linear` inside `module` by an `Fp8Linear` (in place), for inference; returns how many.
 
@@ -210,8 +223,9 @@ def quantize_linears_fp8(module: torch.nn.Module) -> int:
     `quantize_linears_fp8(model.model.language_model)`. Speed and output difference: docs/benchmarks.md.
 
     Raises:
-        ValueError: a CUDA module on a GPU without FP8 tensor cores (compute capability below 8.9), or a Linear whose
-            sizes are not multiples of 16 (cuBLASLt's FP8 GEMM needs them).
+        ValueError: a CUDA module on a GPU without FP8 tensor cores (compute capability below 8.9), a device on which
+            this torch has no `torch._scaled_mm` (the CPU in torch 2.6), or a Linear whose sizes are not multiples of
+            16 (cuBLASLt's FP8 GEMM needs them).
     """
     linears = [(name, child) for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)]
     for name, linear in linears:
@@ -221,6 +235,9 @@ def quantize_linears_fp8(module: torch.nn.Module) -> int:
                              f"{torch.cuda.get_device_name(device)}. Keep this model in bf16.")
         if linear.in_features % 16 or linear.out_features % 16:
             raise ValueError(f"{name} is {linear.in_features} → {linear.out_features}: FP8 GEMMs need multiples of 16.")
+        if not has_fp8_matmul(device):
+            raise ValueError(f"torch {torch.__version__} has no FP8 matrix product (torch._scaled_mm) on {device.type}. "
+                             "FP8 linears are for Hopper/Ada GPUs; keep this model in bf16.")
         parent_name, _, child_name = name.rpartition(".")
         setattr(module.get_submodule(parent_name), child_name, Fp8Linear(linear))
     return len(linears)

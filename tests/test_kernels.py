@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import modeling_storm.temporal_encoder as temporal_encoder
-from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig
+from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig, kernels
 from modeling_storm.kernels import MambaKernels, mamba_kernels, selective_scan_with_state, triton_selective_scan
 from modeling_storm.selective_scan import selective_scan
 
@@ -300,6 +300,9 @@ def test_failed_vision_compilation_falls_back_to_eager(eager_backend_compilation
     assert kernels.COMPILE_VISION_TOWER is False
 
 
+@pytest.mark.skipif(
+    not kernels.has_fp8_matmul(torch.device("cpu")), reason="this torch has no torch._scaled_mm on the CPU (2.6)"
+)
 def test_fp8_linears_are_close_to_the_bf16_ones():
     from modeling_storm.kernels import Fp8Linear, quantize_linears_fp8
 
@@ -323,6 +326,14 @@ def test_fp8_linears_are_close_to_the_bf16_ones():
     with torch.no_grad():
         reference = dequantized @ weight.t() + first.bias.float()
         torch.testing.assert_close(first(x).reshape(-1, 32).float(), reference, rtol=1e-2, atol=1e-2)
+
+
+def test_fp8_refuses_a_device_without_an_fp8_matmul(monkeypatch):
+    monkeypatch.setattr(kernels, "has_fp8_matmul", lambda device: False)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    with pytest.raises(ValueError, match=r"no FP8 matrix product \(torch._scaled_mm\) on cpu"):
+        kernels.quantize_linears_fp8(module)
+    assert isinstance(module[0], torch.nn.Linear)
 
 
 def test_fp8_refuses_sizes_that_are_not_multiples_of_16():
