@@ -33,6 +33,12 @@ try:  # Triton ships with CUDA builds of torch (not with transformers); kernels.
     import triton.language as tl
 except ImportError as error:
     raise ImportError("The Triton selective scan needs Triton (installed with CUDA builds of torch).") from error
+# The backward flips tiles along time (`tl.flip` on a leading dimension), which Triton supports from 3.4 (torch 2.8's);
+# with an older Triton this module does not import and the torch scan runs instead (kernels.triton_selective_scan).
+MIN_TRITON = (3, 4)
+if tuple(int(part) for part in triton.__version__.split(".")[:2]) < MIN_TRITON:
+    raise ImportError(f"The Triton selective scan needs Triton >= 3.4 (tl.flip along any dimension); this is "
+                      f"{triton.__version__}. Upgrade torch (>= 2.8 ships it) or install mamba_ssm.")
 
 # Launch configuration: time steps per tile (also the spacing of the states saved for the backward), channels per
 # program and warps, of the forward and of the backward. `benchmarks/latency.py --sections scan` times others on a

@@ -105,7 +105,7 @@ def _encoder_errors(scan, error) -> dict:
 
 @pytest.fixture(scope="module")
 def interpreter_errors() -> dict:
-    pytest.importorskip("triton")
+    pytest.importorskip("modeling_storm.selective_scan_triton")  # skips where Triton is missing or older than 3.4
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
