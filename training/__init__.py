@@ -7,5 +7,5 @@
 - `training.args`, `training.sft`: the recipe (`python -m training.sft`, `storm train`) with its YAML configs in
   `training/configs/` and accelerate configs in `training/accelerate/`.
 
-Nothing heavy is imported here: `storm` imports `training.cli` at start-up.
+Nothing heavy is imported here.
 """
