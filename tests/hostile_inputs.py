@@ -170,7 +170,7 @@ def edit_config(folder: Path, **fields) -> Path:
 
 
 def load(path, **options) -> object:
-    from modeling_storm.loading import load_storm
+    from storm_transformers.loading import load_storm
 
     return load_storm(path, **options)
 
@@ -190,7 +190,7 @@ def jsonl(folder: Path, *lines, raw: bytes | None = None) -> Path:
 
 
 def conversations(path: Path):
-    from training.data import load_conversations
+    from storm_transformers.training.data import load_conversations
 
     return load_conversations(path)
 
@@ -207,7 +207,7 @@ GOOD_ROW = {"messages": [user_video(path="clip.mp4"), ANSWER]}
 
 
 def _config(**fields):
-    from modeling_storm import StormConfig
+    from storm_transformers import StormConfig
 
     return StormConfig(**fields)
 
@@ -508,25 +508,25 @@ CASES += [
 
 
 def _training_data(**fields):
-    from training.sft import load_training_data
+    from storm_transformers.training.sft import load_training_data
 
     return load_training_data(_data_args(**fields))
 
 
 def _training_model(model_name_or_path, num_frames=8):
-    from training.sft import load_model_and_processor
+    from storm_transformers.training.sft import load_model_and_processor
 
     return load_model_and_processor(_model_args(model_name_or_path=str(model_name_or_path)), num_frames)
 
 
 def _data_args(**fields):
-    from training.args import StormDataArguments
+    from storm_transformers.training.args import StormDataArguments
 
     return StormDataArguments(**({"dataset_name": "train.jsonl"} | fields))
 
 
 def _model_args(**fields):
-    from training.args import StormModelArguments
+    from storm_transformers.training.args import StormModelArguments
 
     return StormModelArguments(**({"model_name_or_path": str(SHIPPED)} | fields))
 
@@ -559,7 +559,7 @@ CASES += [
 
 
 def _compose(folder, vision=None, llm=None, output=None, **options):
-    from conversion.compose import compose
+    from storm_transformers.conversion.compose import compose
 
     (folder / "siglip").mkdir(exist_ok=True)
     (folder / "llm").mkdir(exist_ok=True)
@@ -567,13 +567,13 @@ def _compose(folder, vision=None, llm=None, output=None, **options):
 
 
 def _gguf(folder, source):
-    from conversion.gguf import convert_gguf
+    from storm_transformers.conversion.gguf import convert_gguf
 
     return convert_gguf(source, folder / "out")
 
 
 def _stale_staging_removed(folder):
-    from conversion.checkpoint import _staging_prefix, staging_folder
+    from storm_transformers.conversion.checkpoint import _staging_prefix, staging_folder
 
     output = folder / "out"
     stale = folder / (_staging_prefix(output).replace(f"-{os.getpid()}-", f"-{dead_pid()}-") + "x1")

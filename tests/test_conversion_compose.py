@@ -22,12 +22,12 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from conversion import compose as compose_module
-from conversion.compose import compose
-from conversion.sources import check_chat_template, resolve_source, source_license
-from conversion.verification import VERIFY_CONVERSATION
-from modeling_storm.cli import main
-from processing_storm import default_chat_template
+from storm_transformers import default_chat_template
+from storm_transformers.cli import main
+from storm_transformers.conversion import compose as compose_module
+from storm_transformers.conversion.compose import compose
+from storm_transformers.conversion.sources import check_chat_template, resolve_source, source_license
+from storm_transformers.conversion.verification import VERIFY_CONVERSATION
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,10 @@ from conversion_sources import read_json, save_qwen2, save_siglip
 from huggingface_hub import ModelCard
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from conversion.compose import compose
-from conversion.remote_code import flatten_sources
+from storm_transformers.conversion.compose import compose
+from storm_transformers.conversion.remote_code import flatten_sources
 
-OUR_TOP_LEVEL = ("modeling_storm", "processing_storm", "conversion", "model_cards", "training")
+OUR_TOP_LEVEL = ("storm_transformers", "storm_cli")
 REPO = "someone/storm-tiny"
 
 # Runs in a fresh interpreter: our packages cannot be imported (a meta-path finder refuses them, so this holds even
@@ -127,7 +127,7 @@ def test_push_to_hub_uploads_the_finished_folder_in_one_commit(remote_checkpoint
     card = ModelCard.load(output / "README.md")
     assert "custom_code" in card.data.tags and card.data.license == "other"
     assert f'AutoModelForImageTextToText.from_pretrained("{REPO}", trust_remote_code=True)' in card.text
-    assert "import modeling_storm" not in card.text
+    assert "import storm_transformers" not in card.text
 
 
 def test_copied_code_imports_nothing_of_ours(remote_checkpoint):
@@ -165,7 +165,7 @@ def test_remote_code_loads_without_our_packages_and_gives_the_same_logits(remote
     assert all(module.startswith("transformers_modules.") for module in report["classes"]), report
     model = AutoModelForImageTextToText.from_pretrained(output).eval()  # our registered classes, in this process
     processor = AutoProcessor.from_pretrained(output)
-    assert type(model).__module__ == "modeling_storm.modeling_storm"
+    assert type(model).__module__ == "storm_transformers.modeling_storm"
     messages = [
         {"role": "user", "content": [{"type": "video", "path": str(video_path)}, {"type": "text", "text": "What?"}]}
     ]
@@ -191,14 +191,14 @@ def _package(root, package, files):
 
 
 def test_flatten_sources_makes_our_imports_relative(tmp_path):
-    _package(tmp_path, "modeling_storm", {"configuration_storm.py": "import math\nX = 1\n"})
+    _package(tmp_path, "storm_transformers", {"configuration_storm.py": "import math\nX = 1\n"})
     processing = _package(
         tmp_path,
         "processing_storm",
         {
             "processing_storm.py": """
             import numpy as np
-            from modeling_storm.configuration_storm import X
+            from storm_transformers.configuration_storm import X
             from .video import Y
             try:
                 import mamba_ssm  # optional: allowed
@@ -211,32 +211,32 @@ def test_flatten_sources_makes_our_imports_relative(tmp_path):
     sources = flatten_sources([processing / "processing_storm.py"])
     assert sorted(sources) == ["configuration_storm.py", "processing_storm.py", "video.py"]
     assert "from .configuration_storm import X" in sources["processing_storm.py"]
-    assert "from modeling_storm" not in sources["processing_storm.py"]
+    assert "from storm_transformers" not in sources["processing_storm.py"]
 
 
 @pytest.mark.parametrize(
     "code, message",
     [
-        ("from modeling_storm import X\n", r"`from modeling_storm import \.\.\.` cannot be flattened"),
-        ("import modeling_storm.configuration_storm\n", "cannot work in remote code"),
+        ("from storm_transformers import X\n", r"`from storm_transformers import \.\.\.` cannot be flattened"),
+        ("import storm_transformers.configuration_storm\n", "cannot work in remote code"),
         ("import einops\n", "remote code imports `einops`, which transformers does not install"),
         ("from . import video\n", r"`from \. import \.\.\.`"),
     ],
 )
 def test_flatten_sources_refuses_imports_that_cannot_work_as_remote_code(tmp_path, code, message):
-    _package(tmp_path, "modeling_storm", {"configuration_storm.py": "X = 1\n"})
+    _package(tmp_path, "storm_transformers", {"configuration_storm.py": "X = 1\n"})
     processing = _package(tmp_path, "processing_storm", {"processing_storm.py": code, "video.py": ""})
     with pytest.raises(ValueError, match=message):
         flatten_sources([processing / "processing_storm.py"])
 
 
 def test_flatten_sources_refuses_two_files_with_one_name(tmp_path):
-    _package(tmp_path, "modeling_storm", {"common.py": "A = 1\n"})
+    _package(tmp_path, "storm_transformers", {"common.py": "A = 1\n"})
     processing = _package(
         tmp_path,
         "processing_storm",
         {
-            "processing_storm.py": "from modeling_storm.common import A\nfrom .common import B\n",
+            "processing_storm.py": "from storm_transformers.common import A\nfrom .common import B\n",
             "common.py": "B = 1\n",
         },
     )

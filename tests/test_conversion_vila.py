@@ -7,8 +7,8 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
-from conversion.vila import convert_vila
-from modeling_storm.cli import main
+from storm_transformers.cli import main
+from storm_transformers.conversion.vila import convert_vila
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 
-import modeling_storm.temporal_encoder as temporal_encoder
-from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig
-from modeling_storm.kernels import MambaKernels, mamba_kernels, selective_scan_with_state
-from modeling_storm.selective_scan import selective_scan
+import storm_transformers.temporal_encoder as temporal_encoder
+from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig
+from storm_transformers.kernels import MambaKernels, mamba_kernels, selective_scan_with_state
+from storm_transformers.selective_scan import selective_scan
 
 
 def test_kernels_are_not_imported_with_the_package():
-    code = "import sys, modeling_storm, processing_storm; print(sorted({'mamba_ssm', 'causal_conv1d'} & set(sys.modules)))"
+    code = "import sys, storm_transformers; print(sorted({'mamba_ssm', 'causal_conv1d'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from modeling_storm.cli import DEFAULT_MODEL, main
-from training.miniature import evaluate
-from training.synthetic import generate_dataset
+from storm_transformers.cli import DEFAULT_MODEL, main
+from storm_transformers.training.miniature import evaluate
+from storm_transformers.training.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "storm-tiny-synthetic"

@@ -11,13 +11,13 @@ from storm_testing import tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig
 
-from modeling_storm import StormForConditionalGeneration
-from modeling_storm.cli import main as storm
-from modeling_storm.streaming import StormStreamingSession, read_questions
-from training.args import StormDataArguments, StormModelArguments
-from training.miniature import build_initial
-from training.sft import main as sft
-from training.synthetic import generate_dataset
+from storm_transformers import StormForConditionalGeneration
+from storm_transformers.cli import main as storm
+from storm_transformers.streaming import StormStreamingSession, read_questions
+from storm_transformers.training.args import StormDataArguments, StormModelArguments
+from storm_transformers.training.miniature import build_initial
+from storm_transformers.training.sft import main as sft
+from storm_transformers.training.synthetic import generate_dataset
 
 QUESTION = "What happens in the video?"
 
@@ -208,7 +208,7 @@ def test_storm_stream_explains_bad_input(tiny_checkpoint, uni_checkpoint, videos
 
 
 def test_a_uni_directional_model_trained_with_the_recipe_streams(uni_checkpoint, tmp_path):
-    """Issue 12, item 5: nothing new for training. `training.sft` on synthetic clips with the uni-directional
+    """Issue 12, item 5: nothing new for training. `storm_transformers.training.sft` on synthetic clips with the uni-directional
     miniature (`bidirectional: false`), then the trained model streams with the offline model's answers."""
     data = generate_dataset(tmp_path / "data", {"train": 4})["train"]
     trainer = sft(

@@ -17,8 +17,8 @@ from video_files import (
     write_video,
 )
 
-from processing_storm import StormVideoProcessor, read_video_pyav
-from processing_storm import video_processing_storm as decoding
+from storm_transformers import StormVideoProcessor, read_video_pyav
+from storm_transformers import video_processing_storm as decoding
 
 FRAMES = 35
 # name: (file suffix, write_video arguments). Keyframes every 8 frames (unless given), so samples need seeking.

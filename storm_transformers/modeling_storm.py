@@ -1,0 +1,519 @@
+"""STORM model: SigLIP → downsample + Linear → Mamba temporal encoder → pooling/sampling → decoder LLM.
+
+Paper: "STORM: Token-Efficient Long Video Understanding for Multimodal LLMs" (arXiv 2503.04130), §3. The layout follows
+transformers' VLMs (Llava-OneVision): `StormModel` holds `vision_tower`, `multi_modal_projector`, `temporal_encoder` and
+`language_model`; `StormForConditionalGeneration` adds `lm_head` and generation.
+
+Shape legend: B batch (videos or images), T frames, P vision patches per frame, C vision width, g side of the per-frame
+token grid after the downsample, N = g² tokens per frame, D LLM width, k/p/s temporal pool / spatial pool / sample sizes.
+"""
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel, SiglipVisionModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .configuration_storm import StormConfig
+from .temporal_encoder import StormTemporalEncoder
+
+try:  # transformers >= 5.24: the multimodal outputs (with `image_outputs` / `video_outputs`) and the name `cache`
+    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as _ModelOutputWithPast
+    from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as _CausalLMOutputWithPast
+except ImportError:  # transformers 5.17-5.23
+    from transformers.modeling_outputs import BaseModelOutputWithPast as _ModelOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast as _CausalLMOutputWithPast
+
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, as a forward keyword and as an output field
+# (the old name still works there, with a deprecation warning). STORM passes and returns the cache under the name the
+# installed transformers uses, so it warns about nothing on 5.24 and still works on 5.17-5.23.
+CACHE_NAME = "cache" if "cache" in _CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def accepts_legacy_cache_name(forward):
+    """Let `forward(..., cache=...)` also be called with `past_key_values=...`: deprecated from transformers 5.24 on
+    (with transformers' own `deprecate_kwarg`, as its VLMs do), the name older `generate` passes before that."""
+    if CACHE_NAME == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+@dataclass
+class StormModelOutputWithPast(_ModelOutputWithPast):
+    """The LLM's `last_hidden_state`, KV cache (`cache`; `past_key_values` before transformers 5.24), `hidden_states`
+    and `attentions`, plus the outputs of the visual encoders (as transformers' multimodal outputs of 5.24):
+
+    image_outputs (`BaseModelOutputWithPooling`, *optional*): `get_image_features` of the images of the input;
+        `pooler_output` of shape `(num_images, tokens_per_image, hidden_size)`.
+    video_outputs (`BaseModelOutputWithPooling`, *optional*): `get_video_features` of the videos of the input;
+        `pooler_output` of shape `(num_videos, tokens_per_video, hidden_size)`.
+    """
+
+    image_outputs: BaseModelOutputWithPooling | None = None  # declared by transformers >= 5.24 too
+    video_outputs: BaseModelOutputWithPooling | None = None
+
+
+@dataclass
+class StormCausalLMOutputWithPast(_CausalLMOutputWithPast):
+    """`loss` (when `labels` are given), `logits` `(batch_size, sequence_length, vocab_size)`, the LLM's KV cache,
+    `hidden_states` and `attentions`, and `image_outputs` / `video_outputs` as in `StormModelOutputWithPast`."""
+
+    image_outputs: BaseModelOutputWithPooling | None = None
+    video_outputs: BaseModelOutputWithPooling | None = None
+
+
+def space_to_channel(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """2×2 (f×f) space-to-channel downsample of a row-major patch grid, VILA's `flat_square_2x2` (paper §3.1).
+
+    Each f×f neighbourhood becomes one token whose channels are the concatenation in (row, column, channel) order;
+    odd grids are zero-padded at the bottom/right first.
+
+    Args:
+        features (`torch.Tensor` of shape `(frames, P, C)`): patches, P = G² in row-major order.
+        factor (`int`): f.
+
+    Returns:
+        `torch.Tensor` of shape `(frames, g², f²·C)` with g = ceil(G / f), tokens row-major.
+    """
+    frames, num_patches, channels = features.shape
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"Expected a square grid of vision patches, got {num_patches} patches per frame.")
+    grid = features.view(frames, side, side, channels)  # (F, G, G, C)
+    pad = -side % factor
+    grid = F.pad(grid, (0, 0, 0, pad, 0, pad))  # (F, G', G', C), zero rows/columns at the bottom/right
+    g = (side + pad) // factor
+    grid = grid.view(frames, g, factor, g, factor, channels).permute(0, 1, 3, 2, 4, 5)  # (F, g, g, f, f, C)
+    return grid.reshape(frames, g * g, factor * factor * channels)  # (F, g², f²C)
+
+
+def temporal_pool(features: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """Temporal average pooling, paper Eq. 6-7: mean of non-overlapping groups of k frames.
+
+    `(B, T, N, D)` → `(B, T / k, N, D)`; T must be a multiple of k (checked by `get_num_visual_tokens`).
+    """
+    batch, frames, tokens, dim = features.shape
+    return features.view(batch, frames // pool_size, pool_size, tokens, dim).mean(dim=2)
+
+
+def spatial_pool(features: torch.Tensor, pool_size: int) -> torch.Tensor:
+    """Spatial average pooling (paper §3.3, read as a p×p window on the token grid): `(B, T, g², D)` → `(B, T, (g/p)², D)`."""
+    batch, frames, tokens, dim = features.shape
+    g = math.isqrt(tokens)
+    grid = features.view(batch, frames, g // pool_size, pool_size, g // pool_size, pool_size, dim)
+    return grid.mean(dim=(3, 5)).flatten(2, 3)
+
+
+def temporal_sample(features: torch.Tensor, sample_rate: int, first_index: int = 0) -> torch.Tensor:
+    """Test-time temporal token sampling, paper Eq. 8: keep frames 0, s, 2s, … of the video: `(B, T, N, D)` →
+    `(B, ceil(T/s), N, D)`. For a chunk of a longer video whose first frame is frame `first_index` of the video, the
+    frames kept are those whose index in the video is a multiple of s."""
+    return features[:, -first_index % sample_rate :: sample_rate]
+
+
+def vision_hidden_state(vision_tower: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+    """`vision_tower(pixel_values, output_hidden_states=True).hidden_states[layer]`, computed by running only the
+    patch embeddings and the encoder layers up to that hidden state (no later layer, no tuple of hidden states).
+
+    Args:
+        vision_tower (`SiglipVisionModel`): SigLIP's vision model (`embeddings`, `encoder.layers`).
+        pixel_values (`torch.Tensor` of shape `(frames, 3, H, W)`)
+        layer (`int`): index into the hidden states (0 = embeddings, i = output of encoder layer i; negative from
+            the end), `StormConfig.vision_feature_layer`.
+
+    Returns:
+        `torch.Tensor` of shape `(frames, P, C)`.
+    """
+    if not isinstance(vision_tower, SiglipVisionModel):
+        raise TypeError(
+            f"STORM's vision tower must be a SigLIP vision model (SiglipVisionModel), got {type(vision_tower).__name__}."
+            " Set vision_config to a 'siglip_vision_model' config."
+        )
+    layers = vision_tower.encoder.layers
+    hidden_states = vision_tower.embeddings(pixel_values)  # (F, P, C)
+    for encoder_layer in layers[: layer % (len(layers) + 1)]:
+        hidden_states = encoder_layer(hidden_states, None)  # (F, P, C); SigLIP's vision layers take no mask
+    return hidden_states
+
+
+class StormMultiModalProjector(nn.Module):
+    """Downsample + Linear (paper §3.1, Fig. 6): `(frames, P, C)` patches → `(frames, g², D)` tokens.
+
+    The Linear replaces VILA's 2-layer MLP projector.
+    """
+
+    def __init__(self, config: StormConfig):
+        super().__init__()
+        self.downsample_factor = config.downsample_factor
+        in_features = config.vision_config.hidden_size * config.downsample_factor**2
+        self.linear = nn.Linear(in_features, config.text_config.hidden_size)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear(space_to_channel(image_features, self.downsample_factor))
+
+
+class StormPreTrainedModel(PreTrainedModel):
+    config: StormConfig
+    config_class = StormConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "video", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = [CACHE_NAME]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the torch selective scan is a Python loop
+
+
+class StormModel(StormPreTrainedModel):
+    """STORM without the LM head: returns the LLM's last hidden state for text with visual features spliced in."""
+
+    def __init__(self, config: StormConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = StormMultiModalProjector(config)
+        self.temporal_encoder = StormTemporalEncoder(config.temporal_encoder_config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def _encode(self, pixel_values: torch.Tensor, is_video: bool) -> torch.Tensor:
+        """The STORM visual pipeline for a batch of equally long videos, `(B, T, 3, H, W)` → `(B, T', N', D)`.
+
+        Memory does not grow with activations of the whole video: the vision tower and projector run on
+        `config.vision_chunk_size` frames at a time, the temporal encoder scans chunks of whole groups of k frames
+        with its state carried between them (updating the residual stream in place when autograd is not recording),
+        and each chunk is pooled and sampled as it leaves the last layer. The result equals one pass over the whole
+        video (tests/test_modeling_storm.py)."""
+        batch, frames = pixel_values.shape[:2]
+        tokens = self._frame_tokens(pixel_values.flatten(0, 1))  # (B·T, N, D)
+        tokens_per_frame = tokens.shape[1]
+        pool_size = self.config.temporal_pool_size if is_video else 1
+        chunk_frames = self._scan_chunk_frames(frames, tokens_per_frame, pool_size)
+        sequence = tokens.view(batch, frames * tokens_per_frame, -1)  # (B, T·N, D), (t, row, col)
+        pooled = [
+            self._pool(chunk.view(batch, -1, tokens_per_frame, chunk.shape[-1]), start // tokens_per_frame, is_video)
+            for start, chunk in self.temporal_encoder.output_chunks(sequence, chunk_frames * tokens_per_frame)
+        ]  # each (B, T_c', N', D)
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)  # (B, T', N', D)
+
+    def _frame_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """Vision tower (up to `vision_feature_layer`) + downsample + Linear, `config.vision_chunk_size` frames at a
+        time: `(F, 3, H, W)` → `(F, N, D)`. Frames move to the vision tower's device and dtype one chunk at a time."""
+        chunk_size = self.config.vision_chunk_size
+        if chunk_size < 1:
+            raise ValueError(f"vision_chunk_size={chunk_size} must be a positive number of frames.")
+        device, dtype = self.vision_tower.device, self.vision_tower.dtype
+        tokens = None
+        for start in range(0, frames.shape[0], chunk_size):
+            pixels = frames[start : start + chunk_size].to(device, dtype)  # (F_c, 3, H, W)
+            patches = vision_hidden_state(self.vision_tower, pixels, self.config.vision_feature_layer)  # (F_c, P, C)
+            chunk = self.multi_modal_projector(patches)  # (F_c, N, D)
+            if start == 0 and len(pixels) == frames.shape[0]:
+                return chunk
+            if tokens is None:  # written in place, chunk by chunk: no list of chunks to concatenate (a second copy)
+                tokens = chunk.new_empty(frames.shape[0], *chunk.shape[1:])  # (F, N, D)
+            tokens[start : start + len(pixels)] = chunk
+        return tokens
+
+    def _scan_chunk_frames(self, frames: int, tokens_per_frame: int, pool_size: int) -> int:
+        """Frames per chunk of the temporal encoder's scan: `temporal_encoder_config.chunk_size` tokens rounded down to
+        whole groups of `pool_size` frames (at least one group); all `frames` when it is None."""
+        chunk_size = self.config.temporal_encoder_config.chunk_size
+        if chunk_size is None:
+            return frames
+        return max(chunk_size // (tokens_per_frame * pool_size), 1) * pool_size
+
+    def _pool(self, features: torch.Tensor, first_frame: int, is_video: bool) -> torch.Tensor:
+        """Temporal pooling (k), spatial pooling (p) and, in eval mode, temporal sampling (s) of frames `first_frame
+        …` of a video, `(B, T_c, N, D)` → `(B, T_c', N', D)`. `first_frame` and T_c are multiples of k, so pooling a
+        video chunk by chunk gives the pooled frames of the whole video, and sampling keeps the pooled frames whose
+        index in the whole video is a multiple of s."""
+        pool_size = self.config.temporal_pool_size if is_video else 1
+        if pool_size > 1:
+            features = temporal_pool(features, pool_size)  # (B, T_c/k, N, D)
+        if self.config.spatial_pool_size > 1:
+            features = spatial_pool(features, self.config.spatial_pool_size)  # (B, T_c/k, N/p², D)
+        if is_video and not self.training and self.config.temporal_sample_rate > 1:
+            first_pooled = first_frame // pool_size
+            features = temporal_sample(features, self.config.temporal_sample_rate, first_pooled)  # (B, ~T_c/k/s, N/p², D)
+        return features
+
+    @can_return_tuple
+    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Visual tokens of a batch of videos.
+
+        Args:
+            pixel_values_videos (`torch.Tensor` of shape `(batch_size, num_frames, 3, height, width)`):
+                Frames as the video processor returns them; `num_frames` must be a multiple of `temporal_pool_size`.
+
+        Returns:
+            `BaseModelOutputWithPooling` whose `pooler_output` has shape `(batch_size, tokens_per_video, hidden_size)`,
+            `tokens_per_video = config.num_video_tokens(num_frames, training=self.training)`.
+
+        Raises:
+            ValueError: if the input is not 5-D or `num_frames` is not a multiple of `temporal_pool_size`.
+        """
+        if pixel_values_videos.dim() != 5:
+            raise ValueError(
+                f"pixel_values_videos must have shape (batch_size, num_frames, 3, height, width), got "
+                f"{tuple(pixel_values_videos.shape)}. Use StormVideoProcessor to build it."
+            )
+        batch, frames = pixel_values_videos.shape[:2]
+        expected = self.config.num_video_tokens(frames, training=self.training)  # validates frames vs k
+        features = self._encode(pixel_values_videos, is_video=True).reshape(batch, expected, -1)
+        return BaseModelOutputWithPooling(pooler_output=features)
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Visual tokens of a batch of images, each run as a one-frame video (spatial scan only, paper §3.2).
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(num_images, 3, height, width)`)
+
+        Returns:
+            `BaseModelOutputWithPooling` whose `pooler_output` has shape `(num_images, config.num_image_tokens(), hidden_size)`.
+        """
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, 3, height, width), got {tuple(pixel_values.shape)}."
+            )
+        features = self._encode(pixel_values.unsqueeze(1), is_video=False)  # (I, 1, N', D)
+        return BaseModelOutputWithPooling(pooler_output=features.flatten(1, 2))
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, token_id: int
+    ) -> torch.Tensor:
+        """Boolean mask `(batch_size, sequence_length, 1)` of the placeholder `token_id` (from `input_ids`, or by
+        comparing `inputs_embeds` with that token's embedding when only embeddings are given)."""
+        if input_ids is None:
+            token_embedding = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == token_embedding).all(-1)
+        else:
+            mask = input_ids == token_id
+        return mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def _scatter_features(self, inputs_embeds, mask, features, modality: str, describe_features: str):
+        """Put `features` `(num_tokens, D)` at the placeholder positions; the counts must agree exactly."""
+        num_placeholders = int(mask.sum())
+        if num_placeholders != features.shape[0]:
+            token_id = self.config.video_token_id if modality == "video" else self.config.image_token_id
+            raise ValueError(
+                f"The input has {num_placeholders} {modality} placeholder tokens (id {token_id}) but the "
+                f"{modality}s give {features.shape[0]} feature tokens ({describe_features}). Build the inputs with "
+                f"StormProcessor, which expands each placeholder to exactly this count, and make sure its "
+                f"temporal_pool_size / spatial_pool_size / temporal_sample_rate match the model config."
+            )
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
+
+    def _check_context_length(self, input_ids, inputs_embeds, num_videos: int):
+        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        length = inputs_embeds.shape[1]
+        if max_positions is None or length <= max_positions:
+            return
+        visual = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.video_token_id)
+        visual = visual | self.get_placeholder_mask(input_ids, inputs_embeds, self.config.image_token_id)
+        num_visual = int(visual.sum(dim=1).max())
+        hint = ""
+        if num_videos:
+            budget = (max_positions - (length - num_visual)) // num_videos  # visual tokens per video that fit
+            sample_rate = 1 if self.training else self.config.temporal_sample_rate
+            frames_per_kept_frame = self.config.temporal_pool_size * sample_rate
+            max_frames = max(budget // self.config.num_image_tokens(), 0) * frames_per_kept_frame
+            hint = f" Sample at most {max_frames} frames per video (num_frames),"
+        raise ValueError(
+            f"The input is {length} tokens long, {num_visual} of them visual, but the LLM's context is {max_positions} "
+            f"tokens (text_config.max_position_embeddings).{hint} or compress more: a larger temporal_pool_size or "
+            f"spatial_pool_size at training time, or temporal_sample_rate at inference."
+        )
+
+    @can_return_tuple
+    @accepts_legacy_cache_name
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> StormModelOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Token ids with each image/video placeholder expanded to its visual token count (StormProcessor).
+            pixel_values (`torch.Tensor` of shape `(num_images, 3, height, width)`, *optional*)
+            pixel_values_videos (`torch.Tensor` of shape `(num_videos, num_frames, 3, height, width)`, *optional*)
+            attention_mask, position_ids, inputs_embeds, use_cache: as for the LLM.
+            cache (`Cache`, *optional*): the LLM's KV cache (`past_key_values` before transformers 5.24, still
+                accepted).
+
+        Raises:
+            ValueError: placeholder tokens and visual features disagree in number; the prompt exceeds the LLM context.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = video_outputs = None
+        if pixel_values is not None or pixel_values_videos is not None:
+            num_videos = 0 if pixel_values_videos is None else pixel_values_videos.shape[0]
+            self._check_context_length(input_ids, inputs_embeds, num_videos)
+        if pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values)
+            image_features = image_outputs.pooler_output.flatten(0, 1)  # (I·N', D)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.image_token_id)
+            describe = f"{pixel_values.shape[0]} images × {self.config.num_image_tokens()} tokens"
+            inputs_embeds = self._scatter_features(inputs_embeds, mask, image_features, "image", describe)
+        if pixel_values_videos is not None:
+            video_outputs = self.get_video_features(pixel_values_videos)
+            video_features = video_outputs.pooler_output  # (V, tokens per video, D)
+            batch, frames = pixel_values_videos.shape[:2]
+            describe = (
+                f"{batch} videos × {video_features.shape[1]} tokens: {frames} frames, "
+                f"temporal_pool_size={self.config.temporal_pool_size}, spatial_pool_size={self.config.spatial_pool_size}, "
+                f"temporal_sample_rate={self.config.temporal_sample_rate}"
+                + (" (not applied in training mode)" if self.training else "")
+            )
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.video_token_id)
+            inputs_embeds = self._scatter_features(inputs_embeds, mask, video_features.flatten(0, 1), "video", describe)
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{CACHE_NAME: cache},
+            **kwargs,
+        )
+        return StormModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=image_outputs,
+            video_outputs=video_outputs,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+        )
+
+
+class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
+    """STORM with a language-modeling head: the class `AutoModelForImageTextToText` loads.
+
+    Example:
+
+    ```python
+    >>> import storm_transformers  # registers the Auto classes
+    >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+    >>> model = AutoModelForImageTextToText.from_pretrained("path/to/storm")
+    >>> processor = AutoProcessor.from_pretrained("path/to/storm")
+    >>> messages = [{"role": "user", "content": [{"type": "video", "path": "clip.mp4"}, {"type": "text", "text": "What happens?"}]}]
+    >>> inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+    ...                                        return_tensors="pt", processor_kwargs={"num_frames": 16})
+    >>> answer = model.generate(**inputs, max_new_tokens=32)
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: StormConfig):
+        super().__init__(config)
+        self.model = StormModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """See `StormModel.get_video_features`."""
+        return self.model.get_video_features(pixel_values_videos, **kwargs)
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """See `StormModel.get_image_features`."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @can_return_tuple
+    @accepts_legacy_cache_name
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> StormCausalLMOutputWithPast:
+        r"""
+        Args: as `StormModel.forward`, plus
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Next-token targets; -100 positions (prompt, visual placeholders, padding) are ignored.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+                Compute logits only for the last `logits_to_keep` positions (0 = all), as in transformers' LMs.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return StormCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            video_outputs=outputs.video_outputs,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+        )
+
+
+__all__ = ["StormModel", "StormForConditionalGeneration", "StormPreTrainedModel"]
