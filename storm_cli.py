@@ -3,11 +3,12 @@ transformers, so `storm --help` and flag errors answer at once; each subcommand 
 
     storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F] [--max-new-tokens M]
                    (default model: the miniature STORM trained on synthetic clips, checkpoints/storm-tiny-synthetic)
-    storm fetch-assets [--output assets] [--with-llm]                                 (storm_transformers/conversion/cli.py)
+    storm fetch-assets [--output assets] [--with-llm]                               (storm_transformers.conversion.cli)
     storm build-tiny-random [--output assets/storm-tiny-random]
     storm convert {compose,vila,gguf} …
-    storm train --config storm_transformers/training/configs/sft_lora.yaml [--flag value …]              (storm_transformers/training/cli.py)
-    storm stream --model DIR --video FILE --questions Q.jsonl [--speed X] [--fps F]   (storm_transformers/streaming.py)
+    storm train --config storm_transformers/training/configs/sft_lora.yaml [--flag value …]
+                                                                                    (storm_transformers.training.cli)
+    storm stream --model DIR --video FILE --questions Q.jsonl [--speed X] [--fps F] (storm_transformers.streaming)
 
 Every subcommand's flags are declared here, and its run function (in the module named on the right) is imported only
 when it runs: nothing of the package is imported to parse. A flag value that cannot be right (`--num-frames 0`,
@@ -161,7 +162,10 @@ def _register_conversion(commands) -> None:
 def _register_train(commands) -> None:
     # prefix_chars="\0": no argument is an option here, so `--config`, `--help`, … all reach the recipe's parser.
     train = commands.add_parser(
-        "train", help="fine-tune STORM (TRL SFT; YAML configs in storm_transformers/training/configs)", add_help=False, prefix_chars="\0"
+        "train",
+        help="fine-tune STORM (TRL SFT; YAML configs in storm_transformers/training/configs)",
+        add_help=False,
+        prefix_chars="\0",
     )
     train.add_argument("args", nargs=argparse.REMAINDER)
     train.set_defaults(run=_run("storm_transformers.training.cli", "train_command"))

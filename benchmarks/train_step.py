@@ -10,7 +10,7 @@ Modes (each in a fresh model; an out-of-memory error is reported as a result, wi
 
 | mode | weights | trained | optimizer states |
 |---|---|---|---|
-| `lora` | bf16, frozen | LoRA r=16 on the LLM's q/k/v/o/gate/up/down (PEFT keeps them fp32) + projector and temporal encoder in full (bf16), as `storm_transformers/training/configs/sft_lora.yaml` | AdamW, dtype of each parameter |
+| `lora` | bf16, frozen | LoRA r=16 on the LLM's q/k/v/o/gate/up/down (PEFT keeps them fp32) + projector and temporal encoder in full (bf16), as the `sft_lora.yaml` training config | AdamW, dtype of each parameter |
 | `full-bf16` | bf16 | everything | AdamW in bf16: fits one GPU, but bf16 updates lose precision (a memory-saving choice, not the recipe's) |
 | `full-fp32` | fp32 master weights, bf16 autocast | everything | AdamW fp32: the recipe's full SFT (`dtype: float32`), meant for FSDP over several GPUs; 16 bytes per parameter ≈ 133 GB does not fit one 80 GB GPU |
 

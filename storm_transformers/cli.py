@@ -15,8 +15,8 @@ def generate(args) -> str:
     """Answer `args.prompt` about `args.video` with the checkpoint in `args.model`, printing what went in.
 
     Raises:
-        FileNotFoundError, ValueError, TypeError: a checkpoint `storm_transformers.loading.load_storm` refuses, a device
-        that is not available, or a video the processor cannot read.
+        FileNotFoundError, ValueError, TypeError: a checkpoint `storm_transformers.loading.load_storm` refuses, a
+        device that is not available, or a video the processor cannot read.
     """
     import torch
     from huggingface_hub import ModelCard

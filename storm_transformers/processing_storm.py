@@ -1,8 +1,8 @@
 """STORM processor: tokenizer + SigLIP image processor + `StormVideoProcessor` + ChatML chat template.
 
 It expands every video/image placeholder to exactly the number of visual tokens the model produces for it, computed by
-`storm_transformers.get_num_visual_tokens` from the frames actually sampled and the pooling/sampling settings, which must
-match the model config (`StormConfig.temporal_pool_size` etc.; conversion writes both from one source).
+`configuration_storm.get_num_visual_tokens` from the frames actually sampled and the pooling/sampling settings, which
+must match the model config (`StormConfig.temporal_pool_size` etc.; conversion writes both from one source).
 """
 
 import math

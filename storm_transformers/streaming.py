@@ -86,8 +86,8 @@ class StormStreamingSession:
             )
         if not hasattr(processor, "video_processor"):
             raise TypeError(
-                f"processor must be the model's StormProcessor, got {type(processor).__name__}. Import storm_transformers "
-                "before AutoProcessor.from_pretrained, so that it loads the STORM processor."
+                f"processor must be the model's StormProcessor, got {type(processor).__name__}. Import "
+                "storm_transformers before AutoProcessor.from_pretrained, so that it loads the STORM processor."
             )
         for name in ("temporal_pool_size", "spatial_pool_size", "temporal_sample_rate"):
             if getattr(processor, name) != getattr(config, name):

@@ -17,7 +17,12 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from storm_transformers import StormForConditionalGeneration
 from storm_transformers.conversion import checkpoint
-from storm_transformers.conversion.checkpoint import add_placeholder_tokens, build_processor, remove_stale_staging, write_checkpoint
+from storm_transformers.conversion.checkpoint import (
+    add_placeholder_tokens,
+    build_processor,
+    remove_stale_staging,
+    write_checkpoint,
+)
 from storm_transformers.conversion.compose import compose
 from storm_cli import main
 

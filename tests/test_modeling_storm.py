@@ -4,7 +4,13 @@ from storm_testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, enable_checkpointing, 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from storm_transformers import StormConfig, StormForConditionalGeneration, StormModel
-from storm_transformers.modeling_storm import space_to_channel, spatial_pool, temporal_pool, temporal_sample, vision_hidden_state
+from storm_transformers.modeling_storm import (
+    space_to_channel,
+    spatial_pool,
+    temporal_pool,
+    temporal_sample,
+    vision_hidden_state,
+)
 
 
 def build(config: StormConfig, seed: int = 0) -> StormForConditionalGeneration:

@@ -208,7 +208,7 @@ def test_storm_stream_explains_bad_input(tiny_checkpoint, uni_checkpoint, videos
 
 
 def test_a_uni_directional_model_trained_with_the_recipe_streams(uni_checkpoint, tmp_path):
-    """Issue 12, item 5: nothing new for training. `storm_transformers.training.sft` on synthetic clips with the uni-directional
+    """Issue 12, item 5: nothing new for training. `training.sft` on synthetic clips with the uni-directional
     miniature (`bidirectional: false`), then the trained model streams with the offline model's answers."""
     data = generate_dataset(tmp_path / "data", {"train": 4})["train"]
     trainer = sft(

@@ -1,4 +1,5 @@
-"""The synthetic video QA generator (storm_transformers/training/synthetic.py): answers follow from the frames, clips are real H.264."""
+"""The synthetic video QA generator (storm_transformers.training.synthetic): answers follow from the frames, clips are
+real H.264."""
 
 import json
 

@@ -17,7 +17,12 @@ from storm_transformers import StormForConditionalGeneration
 from storm_transformers.cli import main as storm
 from storm_transformers.training.args import StormDataArguments, StormModelArguments, storm_sft_config
 from storm_transformers.training.data import StormDataCollator, load_conversations
-from storm_transformers.training.modules import ALIGNMENT_MODULES, LLM_LORA_TARGETS, check_lora_targets, storm_lora_config
+from storm_transformers.training.modules import (
+    ALIGNMENT_MODULES,
+    LLM_LORA_TARGETS,
+    check_lora_targets,
+    storm_lora_config,
+)
 from storm_transformers.training.sft import load_model_and_processor, main
 
 REPO = Path(__file__).resolve().parents[1]

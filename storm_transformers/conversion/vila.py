@@ -19,8 +19,8 @@ Every weight key, and where it goes:
 | — | `model.multi_modal_projector.linear.*`, `model.temporal_encoder.*`: new, random (paper §4.1) |
 
 Any other key in the three folders, or a missing one, is an error that lists it. The LLM and the vision tower are read
-with transformers (`storm_transformers.conversion.sources`) and mapped by `storm_transformers.conversion.compose` (`LLM_KEY_MAPPING`, `VISION_KEY_MAPPING`); the projector's keys
-are read here (`VILA_PROJECTOR_KEYS`).
+with transformers (`.sources`) and mapped by `.compose` (`LLM_KEY_MAPPING`, `VISION_KEY_MAPPING`); the projector's
+keys are read here (`VILA_PROJECTOR_KEYS`).
 
 What cannot map: VILA's projector is an MLP (for NVILA `mlp_downsample_2x2_fix`: 2×2 downsample, LayerNorm(4C),
 Linear(4C→D), GELU, Linear(D→D)); STORM replaces it by downsample + Linear + the Mamba temporal encoder (paper §3.1,

@@ -1,5 +1,5 @@
-"""Typed arguments of the STORM SFT recipe (`storm_transformers/training/sft.py`), parsed together with TRL's `SFTConfig` from a YAML file
-and the command line by `trl.TrlParser`. Names follow TRL's `ScriptArguments` / `ModelConfig` where they exist.
+"""Typed arguments of the STORM SFT recipe (`sft.py`), parsed together with TRL's `SFTConfig` from a YAML file and the
+command line by `trl.TrlParser`. Names follow TRL's `ScriptArguments` / `ModelConfig` where they exist.
 """
 
 from dataclasses import dataclass, field

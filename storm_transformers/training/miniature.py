@@ -1,15 +1,16 @@
-"""The paper's core claim in miniature: tiny STORMs trained on synthetic video QA (`storm_transformers.training.synthetic`).
+"""The paper's core claim in miniature: tiny STORMs trained on synthetic video QA (`synthetic.py`).
 
 One command runs everything (about 9 minutes per seed on one H100 with 16 CPU cores, which the runs need: they are
 bound by video decoding; the data are generated on the spot, seeded):
 
 ```bash
-python -m storm_transformers.training.miniature --output runs/miniature --seeds 0 1 2 --export bi-k4 0 checkpoints/storm-tiny-synthetic
+python -m storm_transformers.training.miniature --output runs/miniature --seeds 0 1 2 \
+    --export bi-k4 0 checkpoints/storm-tiny-synthetic
 ```
 
 For every configuration below and every seed it builds a random tiny STORM (a SigLIP-architecture encoder, the
 temporal encoder and a Qwen2-architecture LLM, all from scratch, with the real Qwen2 tokenizer), trains it with the
-project's recipe (`storm_transformers.training.sft`: stage 1 alignment, then SFT), and evaluates greedy answers on the test split by
+project's recipe (`sft.py`: stage 1 alignment, then SFT), and evaluates greedy answers on the test split by
 question type; `bi-k4` and `bi-k1` are evaluated a second time with test-time temporal sampling s = 2 (at k = 8
 one pooled frame is left, so s = 2 would change nothing). Same data, steps
 and seeds for every row. Results: `<output>/results.json` and `<output>/results.md`; checkpoints under
@@ -110,7 +111,8 @@ def build_initial(output_dir: Path, tokenizer_dir: Path, name: str, seed: int) -
 
 
 def train(name: str, seed: int, output: Path, data: Path, steps: dict, workers: int, log) -> Path:
-    """Stage 1 (alignment) then SFT with `python -m storm_transformers.training.sft` from `<run>/init`; returns the SFT output folder."""
+    """Stage 1 (alignment) then SFT with `python -m storm_transformers.training.sft` from `<run>/init`; returns the SFT
+    output folder."""
     run = output / "runs" / f"{name}-seed{seed}"
     previous = run / "init"
     for stage in ("alignment", "sft"):
@@ -266,14 +268,14 @@ def export(run_dir: Path, results: dict, name: str, seed: int, output_dir: Path,
         processor,
         repo_id=str(output_dir),
         summary=(
-            f"A miniature STORM trained from scratch on synthetic video QA (`storm_transformers.training.synthetic`): configuration "
-            f"`{name}` ({encoder}, temporal pooling k = {settings['k']}), seed {seed}. On the 600 held-out test "
-            f"clips it answers {100 * scores['accuracy']:.0f}% of the questions ({100 * scores['temporal']:.0f}% "
+            "A miniature STORM trained from scratch on synthetic video QA (`storm_transformers.training.synthetic`): "
+            f"configuration `{name}` ({encoder}, temporal pooling k = {settings['k']}), seed {seed}. On the 600 "
+            f"held-out test clips it answers {100 * scores['accuracy']:.0f}% of the questions ({100 * scores['temporal']:.0f}% "
             f"of those that need temporal order): {by_type}."
         ),
         provenance=(
-            f"Trained with `{command}` (storm_transformers/training/miniature.py, about 9 minutes on one H100): a random STORM with the "
-            f"real Qwen2 tokenizer, stage 1 (alignment: projector and temporal encoder only, "
+            f"Trained with `{command}` (storm_transformers/training/miniature.py, about 9 minutes on one H100): a "
+            "random STORM with the real Qwen2 tokenizer, stage 1 (alignment: projector and temporal encoder only, "
             f"{results['args']['alignment_steps']} steps) then SFT (everything, {results['args']['sft_steps']} "
             f"steps), batch 16, on {results['args']['train_size']} synthetic 8-frame 64×64 clips (data seed "
             f"{results['args']['data_seed']}). See docs/miniature.md for every configuration and seed."
@@ -355,7 +357,8 @@ def main(argv=None):
                 (output / "results.json").write_text(json.dumps(results, indent=1))
             log(f"{name} seed {seed} s={s}: accuracy {evaluation['accuracy']:.3f}, temporal {evaluation['temporal']:.3f}")
         if args.export and (args.export[0], int(args.export[1])) == (name, seed):
-            command = "python -m storm_transformers.training.miniature " + " ".join(sys.argv[1:] if argv is None else argv)
+            arguments = sys.argv[1:] if argv is None else argv
+            command = "python -m storm_transformers.training.miniature " + " ".join(arguments)
             with LOAD_LOCK:
                 export(folder, results, name, seed, Path(args.export[2]), command)
             log(f"exported {name} seed {seed} to {args.export[2]}")

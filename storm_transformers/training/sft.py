@@ -1,8 +1,9 @@
 """STORM supervised fine-tuning on TRL's `SFTTrainer`: the paper's three stages (§4.1) and LoRA, from one script.
 
-Arguments: `StormDataArguments`, `StormModelArguments` (`storm_transformers/training/args.py`) and TRL's `SFTConfig`, from a YAML file
-(`--config`) and/or the command line (the command line wins). Run as `storm train ...`, `python -m storm_transformers.training.sft ...`
-or, on several GPUs, `accelerate launch --config_file storm_transformers/training/accelerate/fsdp.yaml -m storm_transformers.training.sft ...`.
+Arguments: `StormDataArguments`, `StormModelArguments` (`args.py`) and TRL's `SFTConfig`, from a YAML file (`--config`)
+and/or the command line (the command line wins). Run as `storm train ...`, `python -m storm_transformers.training.sft
+...` or, on several GPUs, `accelerate launch --config_file storm_transformers/training/accelerate/fsdp.yaml -m
+storm_transformers.training.sft ...`.
 
 # Stage 1, alignment: vision tower and LLM frozen; downsample + Linear and the temporal encoder trained
 ```bash
@@ -12,15 +13,15 @@ storm train --config storm_transformers/training/configs/alignment.yaml \
 
 # Stage 2, SFT: everything trained, 32 frames, temporal pooling k = 4 (8 GPUs, FSDP)
 ```bash
-accelerate launch --config_file storm_transformers/training/accelerate/fsdp.yaml --num_processes 8 -m storm_transformers.training.sft \
-    --config storm_transformers/training/configs/sft.yaml \
+accelerate launch --config_file storm_transformers/training/accelerate/fsdp.yaml --num_processes 8 \
+    -m storm_transformers.training.sft --config storm_transformers/training/configs/sft.yaml \
     --model_name_or_path runs/alignment --dataset_name data/sft.jsonl --output_dir runs/sft
 ```
 
 # Stage 3, long video: 128 frames, k = 4
 ```bash
-accelerate launch --config_file storm_transformers/training/accelerate/fsdp.yaml --num_processes 8 -m storm_transformers.training.sft \
-    --config storm_transformers/training/configs/long_video.yaml \
+accelerate launch --config_file storm_transformers/training/accelerate/fsdp.yaml --num_processes 8 \
+    -m storm_transformers.training.sft --config storm_transformers/training/configs/long_video.yaml \
     --model_name_or_path runs/sft --dataset_name data/long_video.jsonl --output_dir runs/long_video
 ```
 
@@ -188,7 +189,7 @@ def load_training_data(data_args: StormDataArguments):
 
 
 def training_model_card(model, processor, data_args, model_args, training_args, num_rows: int):
-    """The STORM model card of a training run (`storm_transformers.model_cards.storm_model_card`): what was trained on what, from which
+    """The STORM model card of a training run (`model_cards.storm_model_card`): what was trained on what, from which
     checkpoint, with which frames/pooling and hyper-parameters."""
     from storm_transformers.model_cards import storm_model_card
 
@@ -206,7 +207,8 @@ def training_model_card(model, processor, data_args, model_args, training_args, 
         what = f"trained: {trained}; frozen: {frozen}"
     config = base.config
     provenance = (
-        f"Fine-tuned from `{start}` with storm-transformers' TRL SFT recipe (`storm_transformers/training/sft.py`): {what}. "
+        f"Fine-tuned from `{start}` with storm-transformers' TRL SFT recipe (`storm_transformers.training.sft`): "
+        f"{what}. "
         f"Data: `{data_args.dataset_name}` ({num_rows} rows), {data_args.num_frames} frames per video, temporal "
         f"pooling k={config.temporal_pool_size}, spatial pooling p={config.spatial_pool_size}; loss on assistant "
         f"tokens only. {training_args.num_train_epochs} epochs (max_steps={training_args.max_steps}), learning rate "

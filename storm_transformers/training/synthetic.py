@@ -14,7 +14,7 @@ that: every clip is `NUM_FRAMES` = 8 frames (so with temporal pooling k = 8 the 
 | `color` | no | a still shape | "What colour is the triangle?" → `blue` | the answer |
 | `shape` | no | a still shape | "What shape is the green object?" → `square` | the answer |
 
-Rows are in the conversational format of `storm_transformers.training.data` (`messages` with a `{"type": "video", "path": ...}` part,
+Rows are in the conversational format of `data.py` (`messages` with a `{"type": "video", "path": ...}` part,
 paths relative to the data folder), plus `question_type` and `temporal` columns. Everything is drawn from one seeded
 `numpy.random.Generator` per clip, so a seed gives the same data on every machine.
 """
