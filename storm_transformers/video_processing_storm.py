@@ -2,7 +2,9 @@
 
 transformers' default video loading needs torchcodec and a system FFmpeg, and trusts container frame counts; this
 processor decodes with PyAV (FFmpeg is in its wheel), indexes the frames it can actually read, samples by
-presentation time, and checks that every decoded frame is the one its timestamp says.
+presentation time, and checks that every decoded frame is the one its timestamp says. PyAV is needed only to decode
+files: decoded frames (arrays, tensors, PIL images) work without it, so a checkpoint folder's copy of this file loads
+where PyAV is not installed, and decoding a file there raises an `ImportError` that says `pip install av`.
 
 Shape legend: T frames, H × W frame height × width (pixels), B videos in a batch.
 """
@@ -18,16 +20,20 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import av
 import numpy as np
 import torch
-from av.video.reformatter import VideoReformatter
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import ChannelDimension, PILImageResampling, is_pil_image, load_image
 from transformers.processing_utils import VideosKwargs
 from transformers.utils import logging
 from transformers.video_processing_utils import BaseVideoProcessor
 from transformers.video_utils import VideoMetadata
+
+try:  # optional: transformers' `check_imports` skips imports inside `try`, so remote code loads without PyAV
+    import av
+    from av.video.reformatter import VideoReformatter
+except ImportError:
+    av = VideoReformatter = None
 
 logger = logging.get_logger(__name__)
 
@@ -301,10 +307,19 @@ def _load_source(source) -> str | bytes:
     return os.fspath(source)
 
 
-def _open_container(data: str | bytes, name: str, threads: int = 0) -> av.container.InputContainer:
+def _open_container(data: str | bytes, name: str, threads: int = 0) -> "av.container.InputContainer":
     """Open a path or encoded bytes from `_load_source` with PyAV; its first video stream decodes with `threads`
     FFmpeg threads (0: as many as cores), frame- and slice-parallel ("AUTO": not slice-only, which would switch off
-    the H.264 error concealment that flags damaged frames)."""
+    the H.264 error concealment that flags damaged frames).
+
+    Raises:
+        ImportError: PyAV is not installed (every file or bytes video is decoded through here).
+        ValueError: the data is not a readable video."""
+    if av is None:
+        raise ImportError(
+            f"Decoding the video {name} needs PyAV, which is not installed: `pip install av`. Decoded frames (an "
+            "array or tensor (T, H, W, 3), or a list of PIL images) need no PyAV."
+        )
     try:
         container = av.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except av.error.FFmpegError as error:
