@@ -110,11 +110,6 @@ def _add_convert_options(parser) -> None:
         "--temporal-pool-size", type=positive_int, default=4, help="k of temporal average pooling (1 = off)"
     )
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="checkpoint dtype (auto: the LLM's)")
-    parser.add_argument(
-        "--remote-code",
-        action="store_true",
-        help="also write the code files and auto_map (trust_remote_code=True without this package)",
-    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the finished folder to this Hub model repo")
 

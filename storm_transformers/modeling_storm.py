@@ -9,7 +9,10 @@ token grid after the downsample, N = g² tokens per frame, D LLM width, k/p/s te
 """
 
 import functools
+import inspect
 import math
+import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel, SiglipVisionModel
 from transformers.cache_utils import Cache
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -166,6 +170,15 @@ class StormMultiModalProjector(nn.Module):
         return self.linear(space_to_channel(image_features, self.downsample_factor))
 
 
+# The `auto_map` of every Auto class that loads a saved STORM model; file-relative names, as the code files are saved
+# flat beside config.json. transformers' `custom_object_save` writes only the entry of the class being saved.
+AUTO_MAP = {
+    "AutoModel": "modeling_storm.StormModel",
+    "AutoModelForImageTextToText": "modeling_storm.StormForConditionalGeneration",
+    "AutoModelForMultimodalLM": "modeling_storm.StormForConditionalGeneration",
+}
+
+
 class StormPreTrainedModel(PreTrainedModel):
     config: StormConfig
     config_class = StormConfig
@@ -178,6 +191,34 @@ class StormPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the torch selective scan is a Python loop
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`. When the class is registered for an Auto class (`import
+        storm_transformers` does it, and transformers does it for remote code it loads), transformers also saves the
+        code files and `auto_map` (`custom_object_save`); `auto_map` then names every Auto class of `AUTO_MAP`, not
+        only the saved class's, so that `AutoModel`, `AutoModelForImageTextToText` and `AutoModelForMultimodalLM` all
+        load the folder with `trust_remote_code=True`.
+
+        A model sharded with FSDP2 is an instance of `FSDP<Class>`, a subclass defined in torch: transformers would
+        copy torch's module and name that subclass in `auto_map` (it strips the prefix from `architectures` only), so
+        the STORM class's own files are copied here instead (`get_relative_import_files`, as `custom_object_save`)."""
+        if self._auto_class is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        wrapper = type(self)
+        if wrapper.__module__ == __name__:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        storm_class = next(cls for cls in wrapper.__mro__ if cls.__module__ == __name__)
+        if kwargs.get("is_main_process", True):
+            os.makedirs(save_directory, exist_ok=True)
+            source = inspect.getfile(storm_class)
+            for path in (source, *get_relative_import_files(source)):
+                shutil.copy(path, save_directory)
+        wrapper._auto_class = None  # on the wrapper class only: transformers saves no code of its own
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del wrapper._auto_class  # inherited again from the STORM class
 
 
 class StormModel(StormPreTrainedModel):

@@ -128,9 +128,9 @@ def test_compose_copies_both_sources_exactly_and_initialises_the_new_modules(sou
     assert processor.chat_template == default_chat_template()
     card = ModelCard.load(output / "README.md")
     assert card.data.pipeline_tag == "video-text-to-text" and card.data.library_name == "transformers"
-    assert "random-weights" in card.data.tags and "custom_code" not in card.data.tags
+    assert "random-weights" in card.data.tags and "custom_code" in card.data.tags
     assert "Not trained yet" in card.text and "| visual tokens per video at 8 frames | 8 |" in card.text
-    assert 'from_pretrained("storm")' in card.text and "trust_remote_code=True)" not in card.text
+    assert 'from_pretrained("storm", trust_remote_code=True)' in card.text  # the folder carries its code
 
 
 def readme_block(after: str, language: str = "bash") -> str:

@@ -3,9 +3,9 @@
 - `add_placeholder_tokens`: the tokenizer gains the image/video placeholders (as special tokens).
 - `build_processor`: a `StormProcessor` whose pooling/sampling settings are read from the model config, so the
   placeholder expansion and the model's feature count come from the same numbers.
-- `write_checkpoint`: model + processor + generation config + card (+ remote code) written to a staging folder next
-  to the output (`staging_folder`), verified there, and renamed into place at the end, so an interrupted or failed
-  run never leaves a half-written checkpoint.
+- `write_checkpoint`: model + processor + generation config + card (and the code files and `auto_map` that every STORM
+  `save_pretrained` writes) written to a staging folder next to the output (`staging_folder`), verified there, and
+  renamed into place at the end, so an interrupted or failed run never leaves a half-written checkpoint.
 - `push_to_hub`: upload a finished checkpoint folder as one commit (`check_repo_id` first, before any slow work).
 
 Staging folders are named `.{output name}.partial-{host}-{pid}-{random}`. Ctrl-C, SIGTERM and errors remove them; a
@@ -153,14 +153,13 @@ def staging_folder(output_dir: str | Path, overwrite: bool = False):
 
 
 def write_checkpoint(
-    output_dir, model, processor, card=None, overwrite: bool = False, remote_code: bool = False, verify=None
+    output_dir, model, processor, card=None, overwrite: bool = False, verify=None
 ) -> Path:
-    """Save `model` (safetensors, 5 GB shards, current key names), `processor` and `card` (a
-    `huggingface_hub.ModelCard`) into `output_dir` atomically: everything is written to a temporary sibling folder
-    that replaces `output_dir` at the end.
+    """Save `model` (safetensors, 5 GB shards, current key names, with its code files and `auto_map`), `processor`
+    (also with its code) and `card` (a `huggingface_hub.ModelCard`) into `output_dir` atomically: everything is
+    written to a temporary sibling folder that replaces `output_dir` at the end.
 
     Args:
-        remote_code: also write the source files and `auto_map` (`storm_transformers.conversion.remote_code.write_remote_code`).
         verify: called with the temporary folder once it is complete, before it is moved into place; whatever it
             raises aborts the write.
 
@@ -171,10 +170,6 @@ def write_checkpoint(
     with staging_folder(output_dir, overwrite) as staging:
         model.save_pretrained(staging, max_shard_size=MAX_SHARD_SIZE, save_original_format=False)
         processor.save_pretrained(staging)
-        if remote_code:
-            from .remote_code import write_remote_code
-
-            write_remote_code(staging)
         if card is not None:
             card.save(staging / "README.md")
         if verify is not None:

@@ -4,7 +4,7 @@ imports this module only when one of them runs; each imports its own module).
 storm fetch-assets [--output assets] [--with-llm]
 storm build-tiny-random [--output DIR] [--tokenizer DIR] [--overwrite]
 storm convert compose --vision DIR --llm DIR --output DIR [--num-frames N] [--temporal-pool-size K] [--dtype D]
-                      [--remote-code] [--overwrite] [--push-to-hub REPO]
+                      [--overwrite] [--push-to-hub REPO]
 storm convert vila --input DIR --discard-mm-projector --output DIR [same options]
 storm convert gguf --input FILE.gguf --output DIR [--overwrite]
 """
@@ -48,7 +48,6 @@ def _convert_options(args) -> dict:
         num_frames=args.num_frames,
         temporal_pool_size=args.temporal_pool_size,
         dtype=None if args.dtype == "auto" else args.dtype,
-        remote_code=args.remote_code,
         overwrite=args.overwrite,
         push_to_hub_repo=args.push_to_hub,
     )

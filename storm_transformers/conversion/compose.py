@@ -152,7 +152,6 @@ def compose_checkpoint(
     vision_feature_layer: int = -2,
     unused_vision_keys: list[str] = (),
     extra_rows: list[tuple[str, str]] = (),
-    remote_code: bool,
     overwrite: bool,
     verification_video: str | None,
     seed: int,
@@ -200,7 +199,6 @@ def compose_checkpoint(
         base_model=card_fields["base_model"] or None,
         base_model_relation="finetune" if card_fields["base_model"] else None,
         license=card_fields["license"],
-        remote_code=remote_code,
         extra_tags=("random-weights",),
     )
     return write_checkpoint(
@@ -209,7 +207,6 @@ def compose_checkpoint(
         processor,
         card,
         overwrite=overwrite,
-        remote_code=remote_code,
         verify=lambda folder: verify_checkpoint(folder, reference),
     )
 
@@ -295,7 +292,6 @@ def compose(
     num_frames: int | None = None,
     temporal_pool_size: int = 4,
     dtype: str | torch.dtype | None = None,
-    remote_code: bool = False,
     overwrite: bool = False,
     push_to_hub_repo: str | None = None,
     verification_video: str | None = None,
@@ -312,7 +308,6 @@ def compose(
         temporal_pool_size: k of temporal average pooling (paper Eq. 6-7; 4 in the paper's pooled models, 1 = off).
         dtype: dtype of the checkpoint (`"float32"`, `"bfloat16"`, ...); None keeps the LLM's stored dtype, and the
             vision tower is loaded in it too.
-        remote_code: also write the code files and `auto_map`, for users without storm-transformers.
         overwrite: replace an existing `output_dir`.
         push_to_hub_repo: upload the finished folder to this Hub repository.
         verification_video: a video file for the verification; fixed random frames when None.
@@ -351,7 +346,6 @@ def compose(
         num_frames=num_frames,
         temporal_pool_size=temporal_pool_size,
         unused_vision_keys=unused_vision_keys,
-        remote_code=remote_code,
         overwrite=overwrite,
         verification_video=verification_video,
         seed=seed,

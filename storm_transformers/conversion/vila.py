@@ -146,7 +146,6 @@ def convert_vila(
     num_frames: int | None = None,
     temporal_pool_size: int = 4,
     dtype: str | torch.dtype | None = None,
-    remote_code: bool = False,
     overwrite: bool = False,
     push_to_hub_repo: str | None = None,
     verification_video: str | None = None,
@@ -211,7 +210,6 @@ def convert_vila(
                 f"({', '.join(f'`{key}`' for key in dropped)})",
             )
         ],
-        remote_code=remote_code,
         overwrite=overwrite,
         verification_video=verification_video,
         seed=seed,

@@ -25,16 +25,15 @@ def storm_model_card(
     base_model_relation: str | None = None,
     license: str = "apache-2.0",
     datasets: list[str] | None = None,
-    remote_code: bool = False,
     extra_tags: tuple[str, ...] = (),
     example: tuple[str, str] = ("clip.mp4", "What happens in this video?"),
 ) -> ModelCard:
     """Render the STORM card for `model` (a `StormForConditionalGeneration`) and its `StormProcessor`.
 
     `summary`, `provenance` and `limits` are Markdown paragraphs; `base_model`/`base_model_relation` describe where
-    the weights came from (Hub ids, relation one of adapter | merge | quantized | finetune). `remote_code`: the
-    folder carries its code (`trust_remote_code=True` usage, "custom_code" tag). Tags get "video", "mamba", "storm"
-    and `extra_tags` (e.g. "random-weights", which `storm generate` warns about). `example`: the (video path,
+    the weights came from (Hub ids, relation one of adapter | merge | quantized | finetune). Every STORM folder carries
+    its code (`save_pretrained` writes it), so the usage loads it with `trust_remote_code=True` and the tags get
+    "custom_code", besides "video", "mamba", "storm" and `extra_tags` (e.g. "random-weights", which `storm generate` warns about). `example`: the (video path,
     question) of the usage snippet.
     """
     config = model.config
@@ -60,7 +59,7 @@ def storm_model_card(
         base_model_relation=base_model_relation,
         datasets=datasets,
         language=["en"],
-        tags=["video", "mamba", "storm", *(["custom_code"] if remote_code else []), *extra_tags],
+        tags=["video", "mamba", "storm", "custom_code", *extra_tags],
     )
     template = resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
     return ModelCard.from_template(
@@ -68,7 +67,6 @@ def storm_model_card(
         template_str=template,
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
-        remote_code=remote_code,
         summary=summary,
         provenance=provenance,
         limits=limits,
