@@ -16,8 +16,8 @@ import numbers
 import os
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import av
