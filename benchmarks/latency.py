@@ -1,83 +1,120 @@
-"""STORM latency benchmark: the paper's Table 13 on our hardware, plus LLaVA-OneVision-7B and the temporal encoder.
+"""STORM latency benchmark: the paper's Table 13 on our hardware, its peers in the same run, and where the time goes.
 
-Sections (pick with --sections, all by default):
+Sections (pick with --sections; all GPU sections by default, in this order):
 
-- `storm`: the paper's 7B configuration (SigLIP-So400m/14 at 448 px, 2 bidirectional Mamba layers, Qwen2-7B sizes;
-  random weights), bf16, SDPA, batch 1, one video + 32 text tokens. For each frame count and compression
-  1× (k=1), 2× (k=1, s=2), 4× (k=4), 8× (k=4, s=2): time in the vision tower, in downsample + temporal encoder, in
-  the LLM prefill, time to first token (one full forward with `logits_to_keep=1`), decode ms/token (greedy, 64 new
-  tokens, dynamic KV cache) and peak GPU memory. Module times come from CUDA events recorded by forward hooks during
-  that same forward, so they add up to the time to first token.
-- `decode`: decode speed by context length with the dynamic cache, and with transformers' static cache
-  (`cache_implementation="static"`, with which `generate` compiles the decode step with
-  `torch.compile(mode="reduce-overhead")`) after a 128-frame 4× prefill.
+- `scan`: the selective scan alone at 128 frames (32768 tokens, E = 7168 channels per direction, N = 16, bf16
+  inputs as the model gives them): mamba_ssm's kernel, our Triton kernel (its default launch configuration and a
+  sweep of others) and the torch spec; forward and forward+backward; the Triton/mamba_ssm ratio (target ≤ 5×); the
+  Triton forward at a quarter of the length (linear: ×4); and the Triton scan's errors against the torch spec
+  (float32, outputs and every gradient, with initial and last state) and against mamba_ssm (bf16, outputs).
+- `encoder`: the temporal encoder alone (2 bidirectional layers), forward and forward+backward, on each path
+  (mamba_ssm + causal_conv1d; Triton scan + causal_conv1d; Triton scan + torch convolution, what a GPU without either
+  package runs; torch), at width 256 / 4096 tokens and the paper's width 3584 / 32768 tokens (forward only for the
+  torch path there, whose saved states would need ~200 GB).
+- `encoder-profile`: one 128-frame k=4 STORM-7B prefill (time to first token and its stages), then the temporal
+  encoder of that prefill alone under torch.profiler, on each available scan path: GPU time by piece (GEMMs, scan,
+  convolution, flips/concatenations/copies and casts, other element-wise ops, LayerNorm) and its share of the TTFT.
+- `vision`: the vision tower on 128 frames (SigLIP-So400m at 448 px up to layer −2, 32 frames per call, as STORM
+  runs it) eager and with its encoder layer compiled (regional compilation, kernels.py), in torch.compile's default
+  mode (STORM's default on CUDA) and in "max-autotune-no-cudagraphs": first call (compilation included), warm time,
+  TFLOP/s and the largest difference from eager.
+- `storm`: the paper's 7B configuration (random weights), bf16, SDPA, batch 1, one video + 32 text tokens, STORM's
+  defaults (compiled vision tower, scan kernels). For each frame count and compression 1× (k=1), 2× (k=1, s=2),
+  4× (k=4), 8× (k=4, s=2): time in the vision tower, in downsample + temporal encoder + pooling, in the LLM prefill,
+  time to first token (one full forward with `logits_to_keep=1`) and peak GPU memory. Stage times are CUDA events
+  recorded around those calls inside that same forward, so that they add up to the TTFT.
+- `peers`: STORM 4× (k=4), STORM 1× (no compression) and transformers' LLaVA-OneVision-7B (eager, its default;
+  and with its SigLIP layers compiled as STORM's are) on 128 frames, measured in turn, --rounds times in one run;
+  each ratio is given as the median over the rounds with its min-max spread.
+- `decode`: decode speed at batch 1 after a 128-frame k=4 prefill with the dynamic cache (transformers' default) and
+  with the static cache (`cache_implementation="static"`, which `storm generate` uses on a GPU; transformers then
+  compiles the decode step with CUDA graphs): first call (compilation included) and warm ms/token.
+- `fp8`: the 128-frame k=4 prefill in bf16 and with the vision tower's and the LLM's linears in FP8
+  (`kernels.quantize_linears_fp8`): TTFT, stages, and the relative difference of the video features and the logits.
+- `llava`: LLaVA-OneVision-7B (SigLIP-So400m/14 at 384 px, 196 tokens per frame after its 2×2 bilinear pooling,
+  Qwen2-7B) alone at 32, 64 and 128 frames: the same measurements as `storm`.
 - `profile`: the 20 costliest GPU kernels of one 128-frame 4× prefill (torch.profiler).
-- `llava`: transformers' `LlavaOnevisionForConditionalGeneration` at 7B sizes (SigLIP-So400m/14 at 384 px, 196
-  tokens per frame after its 2×2 bilinear pooling, Qwen2-7B), same measurements.
-- `encoder`: the temporal encoder alone (2 bidirectional layers), forward+backward, kernels vs torch path, at width
-  256 / 4096 tokens and at the paper's width 3584 / 32768 tokens (128 frames; forward only for the torch path there,
-  whose backward would need ~200 GB for saved states).
 - `cpu`: the torch scan and the torch temporal encoder on the CPU, forward+backward, width 256, 1024-8192 tokens.
 
-Usage: `python benchmarks/latency.py --out results/ [--sections storm llava ...] [--frames 8 32 ...]`. Prints
-markdown tables and writes `latency.json` into --out. Timings are medians of --repeats runs after one warm-up.
+Usage: `python benchmarks/latency.py --out results/ [--sections scan encoder ...] [--repeats 3]`. Prints each row as
+it is measured and markdown tables at the end, and writes `latency.json` into --out after every section. Timings
+are medians of --repeats runs after one warm-up. `--smoke` runs every section on the CPU with tiny models in
+seconds (the Triton scan under Triton's interpreter): it tests this script and measures nothing.
 """
 
 import argparse
+import contextlib
 import gc
 import json
+import math
+import os
 import platform
+import re
 import statistics
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 COMPRESSIONS = {"1×": (1, 1), "2× (s=2)": (1, 2), "4× (k=4)": (4, 1), "8× (k=4, s=2)": (4, 2)}
 TEXT_TOKENS = 32
-NEW_TOKENS = 64
+SMOKE = False  # set by --smoke: tiny models on the CPU
+DEVICE = "cuda"
 
 
 # ---------------------------------------------------------------- timing helpers
 
 
-class ModuleTimer:
-    """CUDA events around the forward of named submodules; `times()` gives seconds per name for the last call(s)."""
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
-    def __init__(self, modules: dict):
-        self.events: dict[str, list] = {name: [] for name in modules}
-        self.handles = []
-        for name, module in modules.items():
-            self.handles.append(module.register_forward_pre_hook(self._pre(name)))
-            self.handles.append(module.register_forward_hook(self._post(name)))
 
-    def _pre(self, name):
-        def hook(module, args):
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            self.events[name].append([start, None])
+class Stopwatch:
+    """Times named calls by wrapping callables in place (CUDA events on a GPU, `perf_counter` on the CPU), so that
+    the stages of one forward are measured inside that forward. `seconds(name)` sums the calls since `reset()`."""
 
-        return hook
+    def __init__(self):
+        self.calls = defaultdict(list)
+        self._originals = []
 
-    def _post(self, name):
-        def hook(module, args, output):
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.events[name][-1][1] = end
+    def wrap(self, owner, attribute: str, name: str):
+        original = getattr(owner, attribute)
 
-        return hook
+        def timed(*args, **kwargs):
+            start = self._mark()
+            result = original(*args, **kwargs)
+            self.calls[name].append((start, self._mark()))
+            return result
+
+        self._originals.append((owner, attribute, owner.__dict__.get(attribute, None)))
+        setattr(owner, attribute, timed)
+
+    @staticmethod
+    def _mark():
+        if DEVICE != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def reset(self):
-        for calls in self.events.values():
-            calls.clear()
+        self.calls.clear()
 
-    def seconds(self, name, call=None) -> float:
-        calls = self.events[name] if call is None else [self.events[name][call]]
-        return sum(start.elapsed_time(end) for start, end in calls) / 1000
+    def seconds(self, name) -> float:
+        sync()
+        if DEVICE != "cuda":
+            return sum(end - start for start, end in self.calls[name])
+        return sum(start.elapsed_time(end) for start, end in self.calls[name]) / 1000
 
     def remove(self):
-        for handle in self.handles:
-            handle.remove()
+        for owner, attribute, original in reversed(self._originals):
+            if original is None:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, original)
+        self._originals.clear()
 
 
 def timed(fn, repeats: int):
@@ -85,12 +122,21 @@ def timed(fn, repeats: int):
     result = fn()
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         result = fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def first_call(fn):
+    """(seconds, result) of one call, synchronised: the cost of a first call, compilation included."""
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - start, result
 
 
 def gib(num_bytes: int) -> float:
@@ -99,146 +145,665 @@ def gib(num_bytes: int) -> float:
 
 def free_memory():
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> float | None:
+    return gib(torch.cuda.max_memory_allocated()) if DEVICE == "cuda" else None
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual − expected| / max |expected|."""
+    actual, expected = actual.float(), expected.float()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+@contextlib.contextmanager
+def scan_path(path: str):
+    """Run the temporal encoder on `path`: "mamba_ssm" (its scan, causal_conv1d's convolution when installed),
+    "triton" (our Triton scan, causal_conv1d's convolution when installed), "triton, torch conv" (what a GPU without
+    either package runs) or "torch" (`use_mamba_kernels` off). Yields the value `use_mamba_kernels` must take."""
+    import storm_transformers.temporal_encoder as temporal_encoder
+    from storm_transformers.kernels import MambaKernels, mamba_kernels
+
+    original = temporal_encoder.mamba_kernels
+    if path.startswith("triton"):
+        conv = None if path == "triton, torch conv" else mamba_kernels().causal_conv1d_fn
+        temporal_encoder.mamba_kernels = lambda: MambaKernels(None, conv)
+    try:
+        yield path != "torch"
+    finally:
+        temporal_encoder.mamba_kernels = original
+
+
+def available_scan_paths() -> list[str]:
+    from storm_transformers.kernels import mamba_kernels, triton_selective_scan
+
+    if DEVICE != "cuda":
+        return ["torch"]
+    paths = ["mamba_ssm"] if mamba_kernels().selective_scan_fn is not None else []
+    if triton_selective_scan() is not None:
+        paths += ["triton", "triton, torch conv"] if mamba_kernels().causal_conv1d_fn is not None else ["triton"]
+    return paths + ["torch"]
+
+
+@contextlib.contextmanager
+def vision_compilation(options: dict | None):
+    """Run STORM's vision tower eagerly (None) or with its encoder layer compiled with `options` (fresh compile)."""
+    import storm_transformers.modeling_storm as modeling
+    from storm_transformers import kernels
+
+    saved = kernels.COMPILE_VISION_TOWER, dict(kernels.VISION_COMPILE_OPTIONS), modeling.vision_layer_runner
+    kernels.COMPILE_VISION_TOWER = options is not None
+    kernels.VISION_COMPILE_OPTIONS.clear()
+    kernels.VISION_COMPILE_OPTIONS.update(options or {})
+    kernels._compiled_vision_layer.cache_clear()
+    torch._dynamo.reset()
+    if SMOKE and options is not None:  # the CPU: compile anyway, with dynamo's eager backend (tests the plumbing)
+        kernels.VISION_COMPILE_OPTIONS.update(backend="eager")
+        modeling.vision_layer_runner = lambda hidden_states: kernels._compiled_or_eager
+    try:
+        yield
+    finally:
+        kernels.COMPILE_VISION_TOWER = saved[0]
+        kernels.VISION_COMPILE_OPTIONS.clear()
+        kernels.VISION_COMPILE_OPTIONS.update(saved[1])
+        kernels._compiled_vision_layer.cache_clear()
+        modeling.vision_layer_runner = saved[2]
 
 
 # ---------------------------------------------------------------- models
 
 
-def storm_7b(max_positions: int):
-    from storm_transformers import StormConfig, StormForConditionalGeneration
+def storm_config(max_positions: int = 32768):
+    """The paper's STORM-7B (StormConfig defaults), or a tiny one with --smoke."""
+    from storm_transformers import StormConfig
 
-    config = StormConfig()
-    config.text_config.max_position_embeddings = max_positions  # 256 uncompressed frames = 65536 visual tokens
+    if SMOKE:
+        config = StormConfig(
+            vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                           "num_hidden_layers": 3, "num_attention_heads": 2, "patch_size": 14, "image_size": 56,
+                           "vision_use_head": False},
+            text_config={"model_type": "qwen2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+                         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+            temporal_encoder_config={"state_size": 4}, image_token_id=250, video_token_id=251,
+        )
+    else:
+        config = StormConfig()
+    config.text_config.max_position_embeddings = max_positions
     config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
-        model = StormForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    return config
+
+
+def storm_7b(max_positions: int = 32768):
+    from storm_transformers import StormForConditionalGeneration
+
+    with torch.device(DEVICE):
+        model = StormForConditionalGeneration._from_config(storm_config(max_positions), dtype=torch.bfloat16)
     return model.eval()
 
 
 def llava_onevision_7b():
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    config = LlavaOnevisionConfig(
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": 1152,
-            "intermediate_size": 4304,
-            "patch_size": 14,
-            "image_size": 384,
-            "num_hidden_layers": 26,
-            "num_attention_heads": 16,
-            "vision_use_head": False,
-        },
-        text_config={
-            "model_type": "qwen2",
-            "vocab_size": 152128,
-            "hidden_size": 3584,
-            "intermediate_size": 18944,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 28,
-            "num_key_value_heads": 4,
-            "max_position_embeddings": 32768,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        },
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        image_token_index=151646,
-        video_token_index=151647,
-    )
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "patch_size": 14,
+              "image_size": 384, "num_hidden_layers": 26, "num_attention_heads": 16, "vision_use_head": False}
+    text = {"model_type": "qwen2", "vocab_size": 152128, "hidden_size": 3584, "intermediate_size": 18944,
+            "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+            "max_position_embeddings": 32768, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
+    tokens = {"image_token_index": 151646, "video_token_index": 151647}
+    if SMOKE:
+        vision.update(hidden_size=32, intermediate_size=64, image_size=56, num_hidden_layers=3, num_attention_heads=2)
+        text.update(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2)
+        tokens = {"image_token_index": 250, "video_token_index": 251}
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", **tokens)
     config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     return model.eval()
 
 
-def video_prompt(video_token_id: int, visual_tokens: int, frames: int, image_size: int):
-    text = torch.randint(1000, 100000, (TEXT_TOKENS,), device="cuda")
-    ids = torch.cat([text[:20], torch.full((visual_tokens,), video_token_id, device="cuda"), text[20:]])
-    pixels = torch.randn(1, frames, 3, image_size, image_size, device="cuda", dtype=torch.bfloat16)
+def llava_visual_tokens(model, frames: int) -> int:
+    """Frames × ceil(g/2)² tokens (g×g patches per frame, 2×2 bilinear pooling) + one newline token per video."""
+    vision = model.config.vision_config
+    return frames * math.ceil(vision.image_size // vision.patch_size / 2) ** 2 + 1
+
+
+def video_prompt(model, visual_tokens: int, frames: int):
+    """`input_ids` (20 text tokens, the video's placeholders, 12 text tokens), `attention_mask`, random frames."""
+    config = model.config
+    video_token_id = getattr(config, "video_token_id", None) or config.video_token_index
+    vocab = config.text_config.vocab_size
+    image_size = config.vision_config.image_size
+    text = torch.randint(min(1000, vocab // 4), min(100000, vocab // 2), (TEXT_TOKENS,), device=DEVICE)
+    ids = torch.cat([text[:20], torch.full((visual_tokens,), video_token_id, device=DEVICE), text[20:]])
+    pixels = torch.randn(1, frames, 3, image_size, image_size, device=DEVICE, dtype=torch.bfloat16)
     return {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None], "pixel_values_videos": pixels}
 
 
-def measure(model, inputs, timer: ModuleTimer, stages: dict, repeats: int) -> dict:
-    """Time to first token with per-stage times, decode ms/token and peak memory for one prompt.
+def storm_prompt(model, frames: int, compression: str):
+    model.config.temporal_pool_size, model.config.temporal_sample_rate = COMPRESSIONS[compression]
+    return video_prompt(model, model.config.num_video_tokens(frames), frames)
 
-    `stages` maps a column name to the timer names it sums; decode: see `decode_ms_per_token` (dynamic cache).
-    """
+
+def storm_stopwatch(model) -> Stopwatch:
+    """Stages of a STORM forward: the vision tower (`vision_hidden_state`, every chunk of frames), downsample +
+    Linear (`multi_modal_projector`), the whole visual pipeline (`StormModel._encode`) and the LLM."""
+    import storm_transformers.modeling_storm as modeling
+
+    watch = Stopwatch()
+    watch.wrap(modeling, "vision_hidden_state", "vision")
+    watch.wrap(model.model.multi_modal_projector, "forward", "projector")
+    watch.wrap(type(model.model), "_encode", "encode")
+    watch.wrap(model.model.language_model, "forward", "llm")
+    return watch
+
+
+def storm_stages(watch: Stopwatch) -> dict:
+    vision, encode = watch.seconds("vision"), watch.seconds("encode")
+    return {"vision tower (s)": vision, "downsample + temporal encoder + pooling (s)": encode - vision,
+            "LLM prefill (s)": watch.seconds("llm")}
+
+
+def llava_stopwatch(model) -> Stopwatch:
+    watch = Stopwatch()
+    inner = model.model
+    watch.wrap(inner.vision_tower, "forward", "vision")
+    watch.wrap(inner.multi_modal_projector, "forward", "projector")
+    watch.wrap(inner.language_model, "forward", "llm")
+    return watch
+
+
+def llava_stages(watch: Stopwatch) -> dict:
+    return {"vision tower (s)": watch.seconds("vision"), "projector (s)": watch.seconds("projector"),
+            "LLM prefill (s)": watch.seconds("llm")}
+
+
+def prefill(model, inputs):
+    """One prefill forward as generation runs it (KV cache, logits of the last position only)."""
+    with torch.inference_mode():
+        return model(**inputs, use_cache=True, logits_to_keep=1).logits
+
+
+def measure_prefill(model, inputs, watch: Stopwatch, stages, repeats: int) -> dict:
+    """Time to first token (median of `repeats` after a warm-up) with the stage times of the last run."""
     free_memory()
 
-    def prefill():
-        timer.reset()
-        with torch.inference_mode():
-            return model(**inputs, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+    def run():
+        watch.reset()
+        return prefill(model, inputs)
 
-    ttft, _ = timed(prefill, repeats)
-    row = {label: sum(timer.seconds(name) for name in names) for label, names in stages.items()}
-    row["time to first token (s)"] = ttft
-    row["peak memory (GiB)"] = gib(torch.cuda.max_memory_allocated())
-    row["decode (ms/token)"] = decode_ms_per_token(model, inputs)
-    return row
+    ttft, _ = timed(run, repeats)
+    return {**stages(watch), "time to first token (s)": ttft, "peak memory (GiB)": peak_memory_gib()}
 
 
-def decode_ms_per_token(model, inputs, runs: int = 1, **generate_kwargs) -> float:
-    """(wall time of a 64-token greedy generation − that of a 1-token one) / 63, after a 64-token warm-up.
+def decode_ms_per_token(model, inputs, new_tokens: int, runs: int = 1, **generate_kwargs) -> float:
+    """(wall time of an `new_tokens` greedy generation − that of a 1-token one) / (new_tokens − 1), after a warm-up
+    generation (which compiles the decode step when the cache is static)."""
 
-    Module hooks stay off the decode path (torch.compile would trace them)."""
-
-    def generate(new_tokens):
-        torch.cuda.synchronize()
+    def generate(count):
+        sync()
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **generate_kwargs)
-        torch.cuda.synchronize()
+            model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, **generate_kwargs)
+        sync()
         return time.perf_counter() - start
 
-    generate(NEW_TOKENS)
-    full = statistics.median(generate(NEW_TOKENS) for _ in range(runs))
+    generate(new_tokens)
+    full = statistics.median(generate(new_tokens) for _ in range(runs))
     first = statistics.median(generate(1) for _ in range(runs))
-    return 1000 * (full - first) / (NEW_TOKENS - 1)
+    return 1000 * (full - first) / (new_tokens - 1)
 
 
 # ---------------------------------------------------------------- sections
 
 
+def scan_inputs(dim, length, groups=1, dtype=torch.bfloat16, seed=0, requires_grad=False):
+    """Inputs of a selective scan like the temporal encoder's (N = 16): Δ before softplus around softplus⁻¹(0.01),
+    S4D-real A."""
+    state = 16 if not SMOKE else 2
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, device=DEVICE) * scale).to(dtype)
+
+    inputs = dict(
+        u=randn(1, dim, length), delta=randn(1, dim, length, scale=0.5) - 4.6,
+        A=-torch.arange(1, state + 1, device=DEVICE, dtype=torch.float32).repeat(dim, 1),
+        B=randn(1, groups, state, length), C=randn(1, groups, state, length),
+        D=torch.ones(dim, device=DEVICE), delta_bias=torch.zeros(dim, device=DEVICE),
+    )
+    return {name: tensor.requires_grad_(requires_grad) for name, tensor in inputs.items()}
+
+
+def bench_scan(repeats) -> list[dict]:
+    from storm_transformers import selective_scan_triton
+    from storm_transformers.kernels import mamba_kernels
+    from storm_transformers.selective_scan import selective_scan
+
+    mamba = mamba_kernels().selective_scan_fn if DEVICE == "cuda" else None
+    triton_scan = selective_scan_triton.selective_scan_triton
+    if SMOKE:  # small tiles: Triton's interpreter runs every element in Python
+        selective_scan_triton.CONFIG.update(BLOCK_T=8, BLOCK_E=4, BACKWARD_BLOCK_E=4)
+    default = dict(selective_scan_triton.CONFIG)
+    rows = []
+    dim, length, check_dim, check_length = (7168, 32768, 256, 4096) if not SMOKE else (4, 16, 4, 12)
+
+    # Correctness: Triton against the torch spec (float32, initial and last state, every gradient) ...
+    inputs = scan_inputs(check_dim, check_length, dtype=torch.float32, requires_grad=True)
+    initial = torch.randn(1, check_dim, inputs["A"].shape[1], device=DEVICE, requires_grad=True)
+    errors = {}
+    results = {}
+    for name, scan in (("triton", triton_scan), ("torch", selective_scan)):
+        out, last = scan(**inputs, delta_softplus=True, initial_state=initial, return_last_state=True)
+        weights = torch.Generator(device=DEVICE).manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=weights, device=DEVICE)).sum() + last.square().sum()
+        results[name] = (out, last, torch.autograd.grad(loss, [*inputs.values(), initial]))
+    (out, last, grads), (ref_out, ref_last, ref_grads) = results["triton"], results["torch"]
+    errors = {"output": relative_error(out, ref_out), "last state": relative_error(last, ref_last)}
+    errors |= {f"grad {n}": relative_error(g, r) for n, g, r in zip([*inputs, "initial_state"], grads, ref_grads)}
+    rows.append({"check": f"Triton vs torch spec, float32, E={check_dim}, L={check_length}, initial + last state",
+                 "largest relative error": max(errors.values()), "errors": errors})
+    print(rows[-1], flush=True)
+    # ... and against mamba_ssm's kernel at full size (bf16 inputs, both directions as 2 groups).
+    full = scan_inputs(2 * dim, length, groups=2)
+    if mamba is not None:
+        error = relative_error(triton_scan(**full, delta_softplus=True), mamba(**full, delta_softplus=True))
+        rows.append({"check": f"Triton vs mamba_ssm, bf16 inputs, 2 groups × E={dim}, L={length}",
+                     "largest relative error": error})
+        print(rows[-1], flush=True)
+
+    def time_scan(scan, inputs, backward: bool):
+        def run():
+            out = scan(**inputs, delta_softplus=True)
+            if backward:
+                out.backward(torch.ones_like(out))
+            return out
+
+        return 1000 * timed(run, repeats)[0]
+
+    def measure(path, scan, inputs, label, backward=True):
+        free_memory()
+        row = {"path": path, "scan": label, "forward (ms)": time_scan(scan, inputs, False)}
+        if backward:
+            inputs = {name: tensor.detach().requires_grad_(tensor.is_floating_point()) for name, tensor in inputs.items()}
+            row["forward+backward (ms)"] = time_scan(scan, inputs, True)
+            row["peak memory (GiB)"] = peak_memory_gib()
+        rows.append(row)
+        print(row, flush=True)
+        return row
+
+    one = scan_inputs(dim, length)
+    label = f"1 direction: E={dim}, L={length}"
+    both_label = f"2 directions as groups: 2×{dim} channels, L={length}"
+    timings = {}
+    if mamba is not None:
+        timings["mamba_ssm"] = measure("mamba_ssm", mamba, one, label)
+        measure("mamba_ssm", mamba, full, both_label)
+    timings["triton"] = measure(f"triton {_config_name(default)}", triton_scan, one, label)
+    measure(f"triton {_config_name(default)}", triton_scan, full, both_label)
+    quarter = scan_inputs(dim, length // 4)
+    short = measure("triton (a quarter of the length)", triton_scan, quarter, f"1 direction: E={dim}, L={length // 4}",
+                    backward=False)
+    rows.append({"check": "Triton forward time, 4× the length / 1×", "ratio": timings["triton"]["forward (ms)"]
+                 / short["forward (ms)"]})
+    if mamba is not None:
+        for key in ("forward (ms)", "forward+backward (ms)"):
+            rows.append({"check": f"Triton / mamba_ssm, {key.split(' ')[0]} ({label})",
+                         "ratio": timings["triton"][key] / timings["mamba_ssm"][key]})
+    with torch.no_grad():
+        measure("torch spec", selective_scan, one, label, backward=False)
+
+    # Launch configurations of the Triton kernels (forward; forward+backward for the backward's own settings).
+    sweep = [(16, 8, 4), (16, 16, 4), (32, 8, 4), (32, 16, 8), (64, 8, 8), (16, 4, 2), (32, 4, 2), (64, 4, 4)]
+    backward_sweep = [(16, 4, 4), (16, 8, 4), (32, 4, 4), (32, 8, 8), (64, 4, 8)]
+    if SMOKE:
+        sweep, backward_sweep = [(8, 4, 1)], [(8, 4, 1)]
+    try:
+        for block_t, block_e, warps in sweep:
+            selective_scan_triton.CONFIG.update(BLOCK_T=block_t, BLOCK_E=block_e, num_warps=warps)
+            _sweep_row(rows, measure, triton_scan, one, label, backward=False)
+        for block_t, block_e, warps in backward_sweep:
+            selective_scan_triton.CONFIG.update(default, BLOCK_T=block_t, BACKWARD_BLOCK_E=block_e, backward_num_warps=warps)
+            _sweep_row(rows, measure, triton_scan, one, label, backward=True)
+    finally:
+        selective_scan_triton.CONFIG.update(default)
+    for key, sweep_rows in (("forward (ms)", rows[-len(backward_sweep) - len(sweep) : -len(backward_sweep)]),
+                            ("forward+backward (ms)", rows[-len(backward_sweep) :])):
+        timed_rows = [row for row in sweep_rows if key in row]
+        if timed_rows:
+            best = min(timed_rows, key=lambda row: row[key])
+            rows.append({"check": f"fastest Triton configuration, {key.split(' ')[0]}", "configuration": best["path"],
+                         key: best[key], "default": _config_name(default)})
+    return rows
+
+
+def _config_name(config: dict) -> str:
+    return (f"T={config['BLOCK_T']} E={config['BLOCK_E']} w={config['num_warps']} / "
+            f"bwd E={config['BACKWARD_BLOCK_E']} w={config['backward_num_warps']}")
+
+
+def _sweep_row(rows, measure, scan, inputs, label, backward):
+    from storm_transformers import selective_scan_triton
+
+    name = f"triton sweep {_config_name(selective_scan_triton.CONFIG)}"
+    try:
+        measure(name, scan, inputs, label, backward=backward)
+    except Exception as error:  # a configuration that does not compile or run on this GPU
+        rows.append({"path": name, "scan": label, "error": f"{type(error).__name__}: {str(error)[:200]}"})
+        print(rows[-1], flush=True)
+
+
+def bench_encoder(repeats) -> list[dict]:
+    from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig
+
+    rows = []
+    sizes = [(256, 4096, torch.float32), (256, 4096, torch.bfloat16), (3584, 32768, torch.bfloat16)]
+    if SMOKE:
+        sizes = [(16, 64, torch.float32)]
+    for width, tokens, dtype in sizes:
+        config = StormTemporalEncoderConfig(hidden_size=width, state_size=16 if not SMOKE else 4)
+        with torch.device(DEVICE):
+            encoder = StormTemporalEncoder(config).to(dtype)
+        x = torch.randn(1, tokens, width, device=DEVICE, dtype=dtype)
+        for path in available_scan_paths():
+            with scan_path(path) as kernels_on:
+                config.use_mamba_kernels = kernels_on
+                free_memory()
+                with torch.no_grad():
+                    forward, _ = timed(lambda: encoder(x), repeats)
+                row = {"width": width, "tokens": tokens, "dtype": str(dtype).split(".")[-1], "path": path,
+                       "forward (ms)": 1000 * forward}
+                if path != "torch" or width == 256 or SMOKE:
+                    free_memory()
+                    xg = x.clone().requires_grad_()
+                    both, _ = timed(lambda: encoder(xg).sum().backward(), repeats)
+                    row["forward+backward (ms)"] = 1000 * both
+                    row["peak memory (GiB)"] = peak_memory_gib()
+            rows.append(row)
+            print(row, flush=True)
+        del encoder
+        free_memory()
+    return rows
+
+
+# GPU kernel name → piece of the temporal encoder (first match wins).
+KERNEL_PIECES = [
+    ("scan", r"selective_scan|_scan_forward_kernel|_scan_backward_kernel"),
+    ("convolution", r"causal_conv1d|conv1d|convolution|depthwise|fprop|cudnn"),
+    ("GEMM (in_proj, x_proj, dt_proj, out_proj)",
+     r"gemm|nvjet|cutlass|xmma|wgmma|s16816|s1688|cublas|sm90_|sm80_|aten::(mm|bmm|addmm|matmul|linear)$"),
+    ("LayerNorm", r"layer_norm|LayerNorm"),
+    ("flip", r"flip"),
+    ("concatenation, copies and dtype casts", r"CatArray|cat_|copy|Copy|to_copy"),
+    ("other element-wise (SiLU, gate, merge, exp, residual)", r"elementwise|vectorized|silu|exp|mul|add|softplus"),
+]
+
+
+def kernel_pieces(prof, top: int = 12) -> tuple[list[dict], list[dict]]:
+    """GPU time of a torch.profiler run by piece (KERNEL_PIECES) and the `top` costliest kernels."""
+    from torch.autograd import DeviceType
+
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and "Memcpy" not in e.key and "Memset" not in e.key]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # GPU kernels, not the operators above them
+    kernels = kernels or [e for e in events if not e.key.startswith(("aten::", "cuda"))]
+    if not kernels:  # the CPU (--smoke): the ATen operators' own CPU time
+        kernels = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+    else:
+        time_of = lambda e: e.device_time_total  # noqa: E731
+    total = sum(time_of(e) for e in kernels) or 1
+    pieces = defaultdict(float)
+    top_rows = []
+    for event in sorted(kernels, key=time_of, reverse=True):
+        piece = next((name for name, pattern in KERNEL_PIECES if re.search(pattern, event.key)), "other")
+        pieces[piece] += time_of(event)
+        if len(top_rows) < top:
+            top_rows.append({"kernel": event.key[:90], "piece": piece, "calls": event.count,
+                             "total (ms)": time_of(event) / 1000, "share": time_of(event) / total})
+    by_piece = [{"piece": name, "time (ms)": value / 1000, "share of the encoder's kernel time": value / total}
+                for name, value in sorted(pieces.items(), key=lambda item: -item[1])]
+    return by_piece, top_rows
+
+
+def bench_encoder_profile(repeats) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = storm_7b()
+    frames = 128 if not SMOKE else 8
+    inputs = storm_prompt(model, frames, "4× (k=4)")
+    watch = storm_stopwatch(model)
+    rows = []
+    features = {}
+    with torch.inference_mode():  # the temporal encoder's input in that prefill: the projector's output (B, T·N, D)
+        sequence = model.model._frame_tokens(inputs["pixel_values_videos"].flatten(0, 1))
+        sequence = sequence.reshape(1, -1, sequence.shape[-1])
+    for path in available_scan_paths():
+        with scan_path(path) as kernels_on:
+            model.config.temporal_encoder_config.use_mamba_kernels = kernels_on
+            stages = measure_prefill(model, inputs, watch, storm_stages, repeats)
+            ttft = stages["time to first token (s)"]
+            encoder = model.model.temporal_encoder
+
+            def run_encoder(keep=False):  # the input is copied: the layers update it in place
+                with torch.inference_mode():
+                    return [chunk.clone() if keep else chunk for _, chunk in encoder.output_chunks(sequence.clone())]
+
+            encoder_time, _ = timed(run_encoder, repeats)
+            features[path] = torch.cat(run_encoder(keep=True), dim=1)
+            activities = [ProfilerActivity.CUDA] if DEVICE == "cuda" else [ProfilerActivity.CPU]
+            with profile(activities=activities) as prof:
+                run_encoder()
+                sync()
+            by_piece, top = kernel_pieces(prof)
+            row = {"scan path": path, "frames": frames, "compression": "4× (k=4)", **stages,
+                   "temporal encoder alone (s)": encoder_time, "temporal encoder / TTFT": encoder_time / ttft,
+                   "pieces": by_piece, "top kernels": top}
+            first_path = next(iter(features))
+            if path != first_path:
+                row[f"output vs {first_path} (relative)"] = relative_error(features[path], features[first_path])
+            rows.append(row)
+            print({key: value for key, value in row.items() if key not in ("pieces", "top kernels")}, flush=True)
+            for piece in by_piece:
+                print("   ", piece, flush=True)
+    model.config.temporal_encoder_config.use_mamba_kernels = True
+    watch.remove()
+    del model
+    free_memory()
+    return rows
+
+
+def bench_vision(repeats) -> list[dict]:
+    from storm_transformers import StormConfig
+    from storm_transformers.modeling_storm import vision_hidden_state
+
+    config = storm_config()
+    vision_config = config.vision_config
+    vision_config._attn_implementation = "sdpa"
+    from transformers import SiglipVisionModel
+
+    with torch.device(DEVICE):
+        tower = SiglipVisionModel._from_config(vision_config, dtype=torch.bfloat16).eval()
+    frames, chunk = (128, StormConfig().vision_chunk_size) if not SMOKE else (8, 4)
+    size = vision_config.image_size
+    pixels = torch.randn(frames, 3, size, size, device=DEVICE, dtype=torch.bfloat16)
+    patches = (size // vision_config.patch_size) ** 2
+    layers = config.vision_feature_layer % (vision_config.num_hidden_layers + 1)
+    width, inner = vision_config.hidden_size, vision_config.intermediate_size
+    flops = frames * patches * layers * (8 * width**2 + 4 * width * inner + 4 * patches * width)
+
+    def run():
+        with torch.inference_mode():
+            return torch.cat([vision_hidden_state(tower, pixels[start : start + chunk], config.vision_feature_layer)
+                              for start in range(0, frames, chunk)])
+
+    rows, eager_output = [], None
+    for name, options in [("eager", None), ("compiled, default mode (STORM's default on CUDA)", {}),
+                          ("compiled, max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"})]:
+        with vision_compilation(options):
+            free_memory()
+            first, output = first_call(run)
+            warm, output = timed(run, repeats)
+        row = {"vision tower": name, "frames": frames, "first call (s)": first, "warm (s)": warm,
+               "TFLOP/s": flops / warm / 1e12}
+        if eager_output is None:
+            eager_output = output
+        else:
+            row["largest difference from eager (relative)"] = relative_error(output, eager_output)
+        rows.append(row)
+        print(row, flush=True)
+    del tower
+    free_memory()
+    return rows
+
+
 def bench_storm(frames_list, repeats) -> list[dict]:
     model = storm_7b(max_positions=256 * 256 + 1024)
-    inner = model.model
-    timer = ModuleTimer(
-        {"vision": inner.vision_tower, "projector": inner.multi_modal_projector, "encoder": inner.temporal_encoder,
-         "llm": inner.language_model}
-    )
-    stages = {"vision tower (s)": ["vision"], "projector (s)": ["projector", "encoder"], "LLM prefill (s)": ["llm"]}
+    watch = storm_stopwatch(model)
     rows = []
-    for frames in frames_list:
-        for name, (k, s) in COMPRESSIONS.items():
-            model.config.temporal_pool_size, model.config.temporal_sample_rate = k, s
-            visual = model.config.num_video_tokens(frames)
-            inputs = video_prompt(model.config.video_token_id, visual, frames, 448)
-            row = measure(model, inputs, timer, stages, repeats)
+    for frames in frames_list if not SMOKE else [8]:
+        for name in COMPRESSIONS:
+            inputs = storm_prompt(model, frames, name)
+            row = measure_prefill(model, inputs, watch, storm_stages, repeats)
+            visual = int((inputs["input_ids"] == model.config.video_token_id).sum())
             rows.append({"model": "STORM", "frames": frames, "compression": name, "visual tokens": visual, **row})
             print(_row_line(rows[-1]), flush=True)
-    timer.remove()
-    del model, inner
+    watch.remove()
+    del model
+    free_memory()
+    return rows
+
+
+def bench_peers(rounds, repeats) -> list[dict]:
+    """The three 128-frame prefills in turn, `rounds` times; ratios per round, then median and spread."""
+    storm, llava = storm_7b(), llava_onevision_7b()
+    frames = 128 if not SMOKE else 8
+    storm_inputs = {name: storm_prompt(storm, frames, name) for name in ("4× (k=4)", "1×")}
+    llava_inputs = video_prompt(llava, llava_visual_tokens(llava, frames), frames)
+    llava_layers = llava.model.vision_tower.encoder.layers
+    from storm_transformers import kernels
+
+    compile_options = dict(kernels.VISION_COMPILE_OPTIONS) | ({"backend": "eager"} if SMOKE else {})
+    compiled_calls = []
+    for layer in llava_layers:  # compiled as STORM's: in place, toggled below
+        layer.compile(**compile_options)
+        compiled_calls.append(layer._compiled_call_impl)
+
+    def storm_run(name):
+        def run():
+            storm.config.temporal_pool_size, storm.config.temporal_sample_rate = COMPRESSIONS[name]
+            return prefill(storm, storm_inputs[name])
+
+        return run
+
+    def llava_run(compiled):
+        def run():
+            for layer, call in zip(llava_layers, compiled_calls):
+                layer._compiled_call_impl = call if compiled else None
+            return prefill(llava, llava_inputs)
+
+        return run
+
+    runs = {"STORM 4× (k=4)": storm_run("4× (k=4)"), "STORM 1×": storm_run("1×"),
+            "LLaVA-OV (eager)": llava_run(False), "LLaVA-OV (vision layers compiled)": llava_run(True)}
+    first = {name: first_call(run)[0] for name, run in runs.items()}  # compilations happen here
+    times = defaultdict(list)
+    rows = []
+    for index in range(rounds):
+        for name, run in runs.items():
+            times[name].append(timed(run, repeats)[0])
+        rows.append({"round": index + 1, **{f"{name} TTFT (s)": values[-1] for name, values in times.items()}})
+        print(rows[-1], flush=True)
+    storm_time = times["STORM 4× (k=4)"]
+    for name in runs:
+        if name == "STORM 4× (k=4)":
+            continue
+        ratios = [other / own for other, own in zip(times[name], storm_time)]
+        rows.append({"ratio": f"{name} / STORM 4× (k=4)", "median": statistics.median(ratios), "min": min(ratios),
+                     "max": max(ratios), "rounds": rounds, "first call of the numerator (s)": first[name]})
+        print(rows[-1], flush=True)
+    rows.append({"STORM 4× (k=4) TTFT, median over rounds (s)": statistics.median(storm_time),
+                 "first call (s)": first["STORM 4× (k=4)"]})
+    del storm, llava
     free_memory()
     return rows
 
 
 def bench_decode(repeats) -> list[dict]:
-    """Decode speed (64 greedy tokens, batch 1) by context length, with the dynamic cache and with transformers'
-    static cache, with which `generate` compiles the decode step (`torch.compile(mode="reduce-overhead")`)."""
     model = storm_7b(max_positions=40000)
+    frames, new_tokens = (128, 64) if not SMOKE else (8, 4)
+    inputs = storm_prompt(model, frames, "4× (k=4)")
     rows = []
-    settings = [(8, "1×", "dynamic"), (128, "4× (k=4)", "dynamic"), (128, "1×", "dynamic"), (128, "4× (k=4)", "static")]
-    for frames, name, cache in settings:
-        model.config.temporal_pool_size, model.config.temporal_sample_rate = COMPRESSIONS[name]
-        inputs = video_prompt(model.config.video_token_id, model.config.num_video_tokens(frames), frames, 448)
+    for cache in ("dynamic", "static"):
         kwargs = {"cache_implementation": "static"} if cache == "static" else {}
-        ms = decode_ms_per_token(model, inputs, runs=repeats, **kwargs)
-        rows.append({"frames": frames, "compression": name, "context (tokens)": inputs["input_ids"].shape[1],
-                     "cache": cache, "decode (ms/token)": ms, "decode (tokens/s)": 1000 / ms})
+        free_memory()
+
+        def generate():
+            with torch.inference_mode():
+                return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                      **kwargs)
+
+        first, _ = first_call(generate)
+        ms = decode_ms_per_token(model, inputs, new_tokens, runs=repeats, **kwargs)
+        rows.append({"frames": frames, "compression": "4× (k=4)", "context (tokens)": inputs["input_ids"].shape[1],
+                     "cache": cache + (" (storm generate on a GPU)" if cache == "static" else " (transformers' default)"),
+                     f"first generate() of {new_tokens} tokens (s)": first, "decode (ms/token)": ms,
+                     "decode (tokens/s)": 1000 / ms})
         print(rows[-1], flush=True)
+    del model
+    free_memory()
+    return rows
+
+
+def bench_fp8(repeats) -> list[dict]:
+    from storm_transformers.kernels import quantize_linears_fp8
+
+    model = storm_7b()
+    frames = 128 if not SMOKE else 8
+    inputs = storm_prompt(model, frames, "4× (k=4)")
+    watch = storm_stopwatch(model)
+    rows, reference = [], None
+    for precision in ("bf16", "fp8"):
+        converted = 0
+        if precision == "fp8":
+            converted = quantize_linears_fp8(model.model.vision_tower) + quantize_linears_fp8(model.model.language_model)
+            torch._dynamo.reset()  # the vision layer recompiles with the FP8 linears
+        first, _ = first_call(lambda: prefill(model, inputs))
+        row = {"precision": precision, "linears in FP8": converted, "first call (s)": first,
+               **measure_prefill(model, inputs, watch, storm_stages, repeats)}
+        with torch.inference_mode():
+            features = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+            logits = model(**inputs, logits_to_keep=1).logits
+        if reference is None:
+            reference = features, logits
+        else:
+            row["video features vs bf16 (relative)"] = relative_error(features, reference[0])
+            row["last logits vs bf16 (relative)"] = relative_error(logits, reference[1])
+            row["same greedy token as bf16"] = bool((logits.argmax(-1) == reference[1].argmax(-1)).all())
+        rows.append(row)
+        print(row, flush=True)
+    watch.remove()
+    del model
+    free_memory()
+    return rows
+
+
+def bench_llava(frames_list, repeats) -> list[dict]:
+    model = llava_onevision_7b()
+    watch = llava_stopwatch(model)
+    rows = []
+    for frames in frames_list if not SMOKE else [8]:
+        visual = llava_visual_tokens(model, frames)
+        inputs = video_prompt(model, visual, frames)
+        row = measure_prefill(model, inputs, watch, llava_stages, repeats)
+        rows.append({"model": "LLaVA-OneVision", "frames": frames, "compression": "1× (196/frame)",
+                     "visual tokens": visual, **row})
+        print(_row_line(rows[-1]), flush=True)
+    watch.remove()
     del model
     free_memory()
     return rows
@@ -248,76 +813,17 @@ def bench_profile() -> list[dict]:
     """Where the time of one 128-frame 4× prefill goes: the 20 costliest GPU operations (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = storm_7b(max_positions=32768)
-    model.config.temporal_pool_size, model.config.temporal_sample_rate = 4, 1
-    inputs = video_prompt(model.config.video_token_id, model.config.num_video_tokens(128), 128, 448)
-    with torch.inference_mode():
-        model(**inputs, logits_to_keep=1)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            model(**inputs, logits_to_keep=1)
-            torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
-    total = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0 and not e.key.startswith("aten::"))
-    rows = [{"GPU kernel": e.key[:90], "calls": e.count, "total (ms)": e.device_time_total / 1000,
-             "share of kernel time": e.device_time_total / total} for e in events if not e.key.startswith("aten::")][:20]
+    model = storm_7b()
+    inputs = storm_prompt(model, 128 if not SMOKE else 8, "4× (k=4)")
+    prefill(model, inputs)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA] if DEVICE == "cuda" else [ProfilerActivity.CPU]) as prof:
+        prefill(model, inputs)
+        sync()
+    _, top = kernel_pieces(prof, top=20)
     del model
     free_memory()
-    return rows
-
-
-def bench_llava(frames_list, repeats) -> list[dict]:
-    model = llava_onevision_7b()
-    inner = model.model
-    timer = ModuleTimer(
-        {"vision": inner.vision_tower, "projector": inner.multi_modal_projector, "llm": inner.language_model}
-    )
-    stages = {"vision tower (s)": ["vision"], "projector (s)": ["projector"], "LLM prefill (s)": ["llm"]}
-    rows = []
-    for frames in frames_list:
-        visual = frames * 196 + 1  # 14x14 pooled tokens per frame + one newline token per video
-        inputs = video_prompt(model.config.video_token_id, visual, frames, 384)
-        row = measure(model, inputs, timer, stages, repeats)
-        rows.append({"model": "LLaVA-OneVision", "frames": frames, "compression": "1× (196/frame)", "visual tokens": visual, **row})
-        print(_row_line(rows[-1]), flush=True)
-    timer.remove()
-    del model, inner
-    free_memory()
-    return rows
-
-
-def bench_encoder(repeats) -> list[dict]:
-    from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig
-    from storm_transformers.kernels import mamba_kernels
-
-    rows = []
-    kernels = mamba_kernels()
-    for width, tokens, dtype in [(256, 4096, torch.float32), (256, 4096, torch.bfloat16), (3584, 32768, torch.bfloat16)]:
-        config = StormTemporalEncoderConfig(hidden_size=width)
-        with torch.device("cuda"):
-            encoder = StormTemporalEncoder(config).to(dtype)
-        x = torch.randn(1, tokens, width, device="cuda", dtype=dtype)
-        for path in ("kernels", "torch"):
-            config.use_mamba_kernels = path == "kernels"
-            if path == "kernels" and kernels.selective_scan_fn is None:
-                continue
-            free_memory()
-            with torch.no_grad():
-                forward, _ = timed(lambda: encoder(x), repeats)
-            row = {"width": width, "tokens": tokens, "dtype": str(dtype).split(".")[-1], "path": path, "forward (ms)": 1000 * forward}
-            if path == "kernels" or width == 256:
-                free_memory()
-                xg = x.clone().requires_grad_()
-                both, _ = timed(lambda: encoder(xg).sum().backward(), repeats)
-                row["forward+backward (ms)"] = 1000 * both
-                row["peak memory (GiB)"] = gib(torch.cuda.max_memory_allocated())
-            rows.append(row)
-            print(row, flush=True)
-        del encoder
-        free_memory()
-    rows.append({"kernels": {"selective_scan_fn": kernels.selective_scan_fn is not None,
-                             "causal_conv1d_fn": kernels.causal_conv1d_fn is not None}})
-    return rows
+    return [{key: value for key, value in row.items() if key != "piece"} for row in top]
 
 
 def bench_cpu(repeats) -> list[dict]:
@@ -326,17 +832,13 @@ def bench_cpu(repeats) -> list[dict]:
 
     rows = []
     torch.manual_seed(0)
-    for tokens in (1024, 2048, 4096, 8192):
+    for tokens in (1024, 2048, 4096, 8192) if not SMOKE else (64, 128):
         inner, state = 512, 16  # width 256, expand 2
         leaves = [torch.randn(1, inner, tokens), torch.rand(1, inner, tokens) * 0.1, -torch.rand(inner, state),
                   torch.randn(1, state, tokens), torch.randn(1, state, tokens)]
         for leaf in leaves:
             leaf.requires_grad_()
-
-        def scan():
-            selective_scan(*leaves).sum().backward()
-
-        scan_time = _cpu_timed(scan, repeats)
+        scan_time = _cpu_timed(lambda: selective_scan(*leaves).sum().backward(), repeats)
         encoder = StormTemporalEncoder(StormTemporalEncoderConfig(hidden_size=256, num_hidden_layers=1))
         x = torch.randn(1, tokens, 256, requires_grad=True)
         encoder_time = _cpu_timed(lambda: encoder(x).sum().backward(), repeats)
@@ -364,15 +866,29 @@ def _row_line(row) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    rows = [row for row in rows if "kernels" not in row]
-    if not rows:
-        return ""
+    """Markdown tables of `rows` (nested values left out); a new table wherever the kind of row changes (its first
+    column)."""
+    rows = [{key: value for key, value in row.items() if not isinstance(value, (list, dict))} for row in rows]
+    tables = []
+    for row in rows:
+        if not tables or next(iter(row), None) != next(iter(tables[-1][0]), None):
+            tables.append([])
+        tables[-1].append(row)
+    return "\n\n".join(_table(table) for table in tables)
+
+
+def _table(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [row.get(column, "") for column in columns]
-        lines.append("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(column)) for column in columns) + " |")
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 0.01 and value else f"{value:.3f}"
+    return "" if value is None else str(value)
 
 
 def ratios(storm: list[dict], llava: list[dict]) -> list[dict]:
@@ -393,49 +909,75 @@ def ratios(storm: list[dict], llava: list[dict]) -> list[dict]:
 
 def environment() -> dict:
     import transformers
+    import triton
 
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
+    from storm_transformers.kernels import mamba_kernels
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "smoke": SMOKE}
+    if DEVICE == "cuda":
         info["device"] = torch.cuda.get_device_name()
-    try:
-        import mamba_ssm
-
-        info["mamba_ssm"] = mamba_ssm.__version__
-    except ImportError:
-        pass
+        kernels = mamba_kernels()
+        info["mamba_ssm"], info["causal_conv1d"] = kernels.selective_scan_fn is not None, kernels.causal_conv1d_fn is not None
     return info
 
 
+SECTIONS = ["scan", "encoder", "encoder-profile", "vision", "storm", "peers", "decode", "fp8", "llava", "profile", "cpu"]
+
+
 def main():
+    global SMOKE, DEVICE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmark-results")
-    parser.add_argument("--sections", nargs="+", default=["encoder", "storm", "decode", "llava", "profile"],
-                        choices=["encoder", "storm", "decode", "llava", "profile", "cpu"])
+    parser.add_argument("--sections", nargs="+", default=[s for s in SECTIONS if s != "cpu"], choices=SECTIONS)
     parser.add_argument("--frames", nargs="+", type=int, default=[8, 32, 64, 128, 256])
     parser.add_argument("--llava-frames", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the peer comparison")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: test the script (seconds)")
     args = parser.parse_args()
+    SMOKE = args.smoke
+    if SMOKE:
+        DEVICE = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton scan is first imported (kernels.py, lazily)
+        args.repeats, args.rounds = 1, 2
+    elif not torch.cuda.is_available():
+        parser.error("the GPU sections need a CUDA GPU; use --smoke to test the script on the CPU")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"environment": environment(), "args": vars(args)}
     print(results["environment"], flush=True)
     runners = {
+        "scan": lambda: bench_scan(args.repeats),
         "encoder": lambda: bench_encoder(args.repeats),
+        "encoder-profile": lambda: bench_encoder_profile(args.repeats),
+        "vision": lambda: bench_vision(args.repeats),
         "storm": lambda: bench_storm(args.frames, args.repeats),
+        "peers": lambda: bench_peers(args.rounds, args.repeats),
         "decode": lambda: bench_decode(args.repeats),
-        "profile": bench_profile,
+        "fp8": lambda: bench_fp8(args.repeats),
         "llava": lambda: bench_llava(args.llava_frames, args.repeats),
+        "profile": bench_profile,
         "cpu": lambda: bench_cpu(args.repeats),
     }
     for section in args.sections:
+        print(f"\n# {section}", flush=True)
+        start = time.perf_counter()
         results[section] = runners[section]()
+        results.setdefault("section seconds", {})[section] = time.perf_counter() - start
         (out / "latency.json").write_text(json.dumps(results, indent=1, default=str))
     if "storm" in results:
         results["ratios"] = ratios(results["storm"], results.get("llava", []))
-    (out / "latency.json").write_text(json.dumps(results, indent=1, default=str))
-    for section in ("encoder", "storm", "decode", "llava", "ratios", "profile", "cpu"):
+        (out / "latency.json").write_text(json.dumps(results, indent=1, default=str))
+    for section in [*SECTIONS[:5], "ratios", *SECTIONS[5:]]:
         if section in results:
-            print(f"\n## {section}\n\n{markdown(results[section])}")
+            rows = results[section]
+            print(f"\n## {section}\n\n{markdown(rows)}")
+            for row in rows:  # nested tables: the encoder's pieces and top kernels
+                for key in ("pieces", "top kernels"):
+                    if key in row:
+                        print(f"\n{key} ({row.get('scan path', '')}):\n\n{markdown(row[key])}")
+    print(f"\nsection times (s): {results['section seconds']}; JSON: {out / 'latency.json'}")
 
 
 if __name__ == "__main__":

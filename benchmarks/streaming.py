@@ -13,7 +13,9 @@ Sections (`--sections`, default: `cpu` without a GPU, `gpu` with one):
   and temporal sampling s = 2 (3600 frames → 28,800 visual tokens, inside Qwen2-7B's 32k context; with p = 2 alone it
   would be 57,600): sustained ingest rate (frames/s over the whole stream, preprocessing on the GPU included), time
   per append early and late in the stream, and question → first answer token latency (`ask(..., max_new_tokens=1)`,
-  median of 3) after 60 frames (1 minute) and after 3600 frames (1 hour); peak GPU memory.
+  median of 3) after 60 frames (1 minute) and after 3600 frames (1 hour); peak GPU memory. The ingest rate is
+  measured for each `--frames-per-append` (default 4 and 32: a live source hands over what arrived since the last
+  call; bigger appends run the vision tower and the LLM on more frames per launch).
   `--smoke` runs this section's code on the CPU with the miniature model and 64 frames, in seconds.
 
 Both need the Qwen2 tokenizer of `storm fetch-assets` (`--tokenizer`, default `assets/tokenizer`; a saved
@@ -89,12 +91,12 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def timed_appends(session, total: int, side: int, device: str, clock=time.perf_counter) -> list[float]:
-    """Append `total` random frames, k at a time; seconds per append (wall time, or `clock`)."""
-    k = session.model.config.temporal_pool_size
+def timed_appends(session, total: int, side: int, device: str, clock=time.perf_counter, per_append=None) -> list[float]:
+    """Append `total` random frames, `per_append` (default k) at a time; seconds per append (wall time, or `clock`)."""
+    per_append = per_append or session.model.config.temporal_pool_size
     times = []
-    for start in range(0, total, k):
-        batch = frames(k, side, start)
+    for start in range(0, total, per_append):
+        batch = frames(min(per_append, total - start), side, start)
         synchronize(device)
         began = clock()
         session.append(batch)
@@ -145,32 +147,39 @@ def bench_cpu(tokenizer, ids) -> list[dict]:
     return rows
 
 
-def bench_gpu(tokenizer, ids, smoke: bool) -> list[dict]:
+def bench_gpu(tokenizer, ids, smoke: bool, frames_per_append: list[int]) -> list[dict]:
+    """The stream of the first `frames_per_append` value with its questions, then the sustained ingest rate of a
+    fresh stream of the same length for each value (a live source hands over what arrived since the last call)."""
     device = "cpu" if smoke else "cuda"
     kind, side, total, minute = ("tiny", 64, 64, 16) if smoke else ("7b", 448, 3600, 60)
     model, processor = build(kind, tokenizer, ids, device, max_positions=32768)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     session = StormStreamingSession(model, processor, reserve_tokens=128)
-    timed_appends(session, 8, side, device)  # warm-up (kernels, allocator), then a fresh session
+    for per_append in frames_per_append:  # warm-up (kernels, allocator, shapes), then fresh sessions
+        timed_appends(session, 2 * per_append, side, device, per_append=per_append)
     session = StormStreamingSession(model, processor, reserve_tokens=128)
+    per_append = frames_per_append[0]
     rows = []
-    first = timed_appends(session, minute, side, device)
+    first = timed_appends(session, minute, side, device, per_append=per_append)
     rows.append({"after": f"{minute} frames (1 min at 1 fps)" if not smoke else f"{minute} frames",
                  "tokens cached": session.tokens_cached, "question → first token (ms)": 1000 * question_latency(session, device)})
-    rest = timed_appends(session, total - minute, side, device)
+    rest = timed_appends(session, total - minute, side, device, per_append=per_append)
     rows.append({"after": f"{total} frames (1 h at 1 fps)" if not smoke else f"{total} frames",
                  "tokens cached": session.tokens_cached, "question → first token (ms)": 1000 * question_latency(session, device)})
-    times = first + rest
-    k = model.config.temporal_pool_size
-    rows.append({
-        "after": "ingest",
-        "frames/s sustained": total / sum(times),
-        "ms per append of 4 frames, first 100": 1000 * statistics.median(times[:100]),
-        "ms per append of 4 frames, last 100": 1000 * statistics.median(times[-100:]),
-        "frames per append": k,
-        "peak memory (GiB)": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-    })
+    for index, per_append in enumerate(frames_per_append):
+        if index:
+            session = StormStreamingSession(model, processor, reserve_tokens=128)
+            times = timed_appends(session, total, side, device, per_append=per_append)
+        else:
+            times = first + rest
+        rows.append({
+            "after": f"ingest, {per_append} frames per append",
+            "frames/s sustained": total / sum(times),
+            "ms per append, first 10%": 1000 * statistics.median(times[: max(1, len(times) // 10)]),
+            "ms per append, last 10%": 1000 * statistics.median(times[-max(1, len(times) // 10) :]),
+            "peak memory (GiB)": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        })
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows
@@ -191,6 +200,8 @@ def main(argv=None):
     parser.add_argument("--sections", nargs="+", choices=["cpu", "gpu"])
     parser.add_argument("--tokenizer", default="assets/tokenizer")
     parser.add_argument("--smoke", action="store_true", help="the gpu section on the CPU with the miniature model")
+    parser.add_argument("--frames-per-append", nargs="+", type=int, default=[4, 32],
+                        help="gpu: frames handed to each append (multiples of k); the first also gets the questions")
     args = parser.parse_args(argv)
     sections = args.sections or (["gpu"] if torch.cuda.is_available() or args.smoke else ["cpu"])
     import transformers
@@ -203,7 +214,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for section in sections:
-        results[section] = bench_cpu(tokenizer, ids) if section == "cpu" else bench_gpu(tokenizer, ids, args.smoke)
+        results[section] = bench_cpu(tokenizer, ids) if section == "cpu" else bench_gpu(tokenizer, ids, args.smoke, args.frames_per_append)
         (out / "streaming.json").write_text(json.dumps(results, indent=1))
     for section in sections:
         print(f"\n## {section}{' (smoke, CPU)' if section == 'gpu' and args.smoke else ''}\n\n{markdown(results[section])}")

@@ -74,8 +74,9 @@ class StormTemporalEncoderConfig(PreTrainedConfig):
             Standard deviation of the normal init of `in_proj` and `x_proj`.
         use_mamba_kernels (`bool`, *optional*, defaults to `True`):
             On CUDA tensors, run the scan with mamba_ssm's `selective_scan_fn` and the convolution with causal_conv1d's
-            `causal_conv1d_fn` when those packages import (`pip install storm-transformers[cuda]`). `False` forces
-            the torch path, which is the reference and runs everywhere.
+            `causal_conv1d_fn` when those packages import (`pip install storm-transformers[cuda]`), and the scan with
+            our Triton kernel where mamba_ssm does not. `False` forces the torch path, which is the reference and
+            runs everywhere.
         chunk_size (`int`, *optional*, defaults to 32768):
             Tokens per chunk of the scan (32768 = 128 frames of 256 tokens). A longer sequence is scanned chunk by
             chunk with each direction's state carried across the chunk boundaries (forward scan left to right,

@@ -26,6 +26,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_storm import StormConfig
+from .kernels import vision_layer_runner
 from .temporal_encoder import StormTemporalEncoder
 
 try:  # transformers >= 5.24: the multimodal outputs (with `image_outputs` / `video_outputs`) and the name `cache`
@@ -149,8 +150,9 @@ def vision_hidden_state(vision_tower: nn.Module, pixel_values: torch.Tensor, lay
         )
     layers = vision_tower.encoder.layers
     hidden_states = vision_tower.embeddings(pixel_values)  # (F, P, C)
+    run_layer = vision_layer_runner(hidden_states)  # compiled for CUDA inference (kernels.py)
     for encoder_layer in layers[: layer % (len(layers) + 1)]:
-        hidden_states = encoder_layer(hidden_states, None)  # (F, P, C); SigLIP's vision layers take no mask
+        hidden_states = run_layer(encoder_layer, hidden_states)  # (F, P, C)
     return hidden_states
 
 
@@ -238,29 +240,36 @@ class StormModel(StormPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def _encode(self, pixel_values: torch.Tensor, is_video: bool) -> torch.Tensor:
+    def _encode(self, pixel_values: torch.Tensor, is_video: bool, vision_states: list | None = None) -> torch.Tensor:
         """The STORM visual pipeline for a batch of equally long videos, `(B, T, 3, H, W)` → `(B, T', N', D)`.
 
         Memory does not grow with activations of the whole video: the vision tower and projector run on
         `config.vision_chunk_size` frames at a time, the temporal encoder scans chunks of whole groups of k frames
         with its state carried between them (updating the residual stream in place when autograd is not recording),
         and each chunk is pooled and sampled as it leaves the last layer. The result equals one pass over the whole
-        video (tests/test_modeling_storm.py)."""
+        video (tests/test_modeling_storm.py). `vision_states`, when given, receives the vision tower's hidden state
+        at `vision_feature_layer` chunk by chunk (`(F_c, P, C)` each)."""
         batch, frames = pixel_values.shape[:2]
-        tokens = self._frame_tokens(pixel_values.flatten(0, 1))  # (B·T, N, D)
-        tokens_per_frame = tokens.shape[1]
+        tokens = self._frame_tokens(pixel_values.flatten(0, 1), vision_states)  # (B·T, N, D)
+        return self._temporal_features(tokens.view(batch, frames, *tokens.shape[1:]), is_video)
+
+    def _temporal_features(self, tokens: torch.Tensor, is_video: bool) -> torch.Tensor:
+        """Temporal encoder, then temporal/spatial pooling and sampling, chunk by chunk: `(B, T, N, D)` projected frame
+        tokens → `(B, T', N', D)`."""
+        batch, frames, tokens_per_frame, width = tokens.shape
         pool_size = self.config.temporal_pool_size if is_video else 1
         chunk_frames = self._scan_chunk_frames(frames, tokens_per_frame, pool_size)
-        sequence = tokens.view(batch, frames * tokens_per_frame, -1)  # (B, T·N, D), (t, row, col)
+        sequence = tokens.view(batch, frames * tokens_per_frame, width)  # (B, T·N, D), (t, row, col)
         pooled = [
-            self._pool(chunk.view(batch, -1, tokens_per_frame, chunk.shape[-1]), start // tokens_per_frame, is_video)
+            self._pool(chunk.view(batch, -1, tokens_per_frame, width), start // tokens_per_frame, is_video)
             for start, chunk in self.temporal_encoder.output_chunks(sequence, chunk_frames * tokens_per_frame)
         ]  # each (B, T_c', N', D)
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)  # (B, T', N', D)
 
-    def _frame_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+    def _frame_tokens(self, frames: torch.Tensor, vision_states: list | None = None) -> torch.Tensor:
         """Vision tower (up to `vision_feature_layer`) + downsample + Linear, `config.vision_chunk_size` frames at a
-        time: `(F, 3, H, W)` → `(F, N, D)`. Frames move to the vision tower's device and dtype one chunk at a time."""
+        time: `(F, 3, H, W)` → `(F, N, D)`. Frames move to the vision tower's device and dtype one chunk at a time.
+        `vision_states`, when given, receives each chunk's vision hidden state `(F_c, P, C)`."""
         chunk_size = self.config.vision_chunk_size
         if chunk_size < 1:
             raise ValueError(f"vision_chunk_size={chunk_size} must be a positive number of frames.")
@@ -269,6 +278,8 @@ class StormModel(StormPreTrainedModel):
         for start in range(0, frames.shape[0], chunk_size):
             pixels = frames[start : start + chunk_size].to(device, dtype)  # (F_c, 3, H, W)
             patches = vision_hidden_state(self.vision_tower, pixels, self.config.vision_feature_layer)  # (F_c, P, C)
+            if vision_states is not None:
+                vision_states.append(patches)
             chunk = self.multi_modal_projector(patches)  # (F_c, N, D)
             if start == 0 and len(pixels) == frames.shape[0]:
                 return chunk
@@ -276,6 +287,34 @@ class StormModel(StormPreTrainedModel):
                 tokens = chunk.new_empty(frames.shape[0], *chunk.shape[1:])  # (F, N, D)
             tokens[start : start + len(pixels)] = chunk
         return tokens
+
+    def _visual_outputs(self, pixel_values, is_video, output_hidden_states, output_attentions) -> BaseModelOutputWithPooling:
+        """`get_video_features` / `get_image_features` for `(B, T, 3, H, W)`: the STORM tokens `(B, T', N', D)` as
+        `pooler_output`, and the vision tower's outputs as transformers' VLMs return them."""
+        vision_config = self.config.vision_config
+        if output_hidden_states is None:
+            output_hidden_states = vision_config.output_hidden_states or self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = vision_config.output_attentions or self.config.output_attentions
+        batch, frames = pixel_values.shape[:2]
+        if not (output_hidden_states or output_attentions):
+            states = []
+            features = self._encode(pixel_values, is_video, vision_states=states)
+            patches = states[0] if len(states) == 1 else torch.cat(states)  # (B·T, P, C)
+            return BaseModelOutputWithPooling(last_hidden_state=patches.unflatten(0, (batch, frames)), pooler_output=features)
+        # Every layer's hidden states or attentions asked for: the whole vision tower runs on all frames at once, as in
+        # transformers' VLMs (STORM's own path stops at `vision_feature_layer` and keeps no hidden states).
+        flat = pixel_values.flatten(0, 1).to(self.vision_tower.device, self.vision_tower.dtype)  # (B·T, 3, H, W)
+        vision = self.vision_tower(flat, output_hidden_states=True, output_attentions=bool(output_attentions))
+        patches = vision.hidden_states[self.config.vision_feature_layer]  # (B·T, P, C)
+        tokens = self.multi_modal_projector(patches)  # (B·T, N, D)
+        features = self._temporal_features(tokens.unflatten(0, (batch, frames)), is_video)  # (B, T', N', D)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=patches.unflatten(0, (batch, frames)),
+            pooler_output=features,
+            hidden_states=vision.hidden_states if output_hidden_states else None,
+            attentions=vision.attentions if output_attentions else None,
+        )
 
     def _scan_chunk_frames(self, frames: int, tokens_per_frame: int, pool_size: int) -> int:
         """Frames per chunk of the temporal encoder's scan: `temporal_encoder_config.chunk_size` tokens rounded down to
@@ -301,46 +340,101 @@ class StormModel(StormPreTrainedModel):
         return features
 
     @can_return_tuple
-    def get_video_features(self, pixel_values_videos: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """Visual tokens of a batch of videos.
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Visual tokens of a batch of videos, and the vision tower's outputs (as transformers' VLMs return them).
 
         Args:
             pixel_values_videos (`torch.Tensor` of shape `(batch_size, num_frames, 3, height, width)`):
                 Frames as the video processor returns them; `num_frames` must be a multiple of `temporal_pool_size`.
+            output_hidden_states, output_attentions (`bool`, *optional*): also return every vision layer's hidden
+                states / attentions (defaults: the vision config's, then the model config's). The whole vision tower
+                then runs on all frames at once; without them it runs `vision_chunk_size` frames at a time and stops
+                at `vision_feature_layer`.
 
         Returns:
-            `BaseModelOutputWithPooling` whose `pooler_output` has shape `(batch_size, tokens_per_video, hidden_size)`,
-            `tokens_per_video = config.num_video_tokens(num_frames, training=self.training)`.
+            `BaseModelOutputWithPooling`:
+            - `pooler_output` `(batch_size, tokens_per_video, hidden_size)`: what the LLM receives,
+              `tokens_per_video = config.num_video_tokens(num_frames, training=self.training)`;
+            - `last_hidden_state` `(batch_size, num_frames, num_patches, vision_hidden_size)`: the vision tower's hidden
+              state at `vision_feature_layer`, the one STORM projects (kept for all frames: for long videos use the
+              model's forward, which does not keep it);
+            - `hidden_states` / `attentions`: tuples over the vision tower's layers, each `(batch_size * num_frames,
+              …)`, when asked for.
 
         Raises:
             ValueError: if the input is not 5-D or `num_frames` is not a multiple of `temporal_pool_size`.
         """
+        batch, expected = self._video_token_count(pixel_values_videos)
+        outputs = self._visual_outputs(pixel_values_videos, True, output_hidden_states, output_attentions)
+        outputs.pooler_output = outputs.pooler_output.reshape(batch, expected, -1)
+        return outputs
+
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Visual tokens of a batch of images, each run as a one-frame video (spatial scan only, paper §3.2).
+
+        Args:
+            pixel_values (`torch.Tensor` of shape `(num_images, 3, height, width)`)
+            output_hidden_states, output_attentions (`bool`, *optional*): as in `get_video_features`.
+
+        Returns:
+            `BaseModelOutputWithPooling` whose `pooler_output` has shape `(num_images, config.num_image_tokens(),
+            hidden_size)` and `last_hidden_state` `(num_images, num_patches, vision_hidden_size)` (the vision tower's
+            hidden state at `vision_feature_layer`); `hidden_states` / `attentions` as in `get_video_features`.
+        """
+        self._check_image_pixels(pixel_values)
+        outputs = self._visual_outputs(pixel_values.unsqueeze(1), False, output_hidden_states, output_attentions)
+        outputs.last_hidden_state = outputs.last_hidden_state.squeeze(1)  # (I, P, C)
+        outputs.pooler_output = outputs.pooler_output.flatten(1, 2)  # (I, N', D)
+        return outputs
+
+    def _video_token_count(self, pixel_values_videos: torch.Tensor) -> tuple[int, int]:
+        """`(num_videos, visual tokens per video)` of `pixel_values_videos` `(B, T, 3, H, W)`, checked."""
         if pixel_values_videos.dim() != 5:
             raise ValueError(
                 f"pixel_values_videos must have shape (batch_size, num_frames, 3, height, width), got "
                 f"{tuple(pixel_values_videos.shape)}. Use StormVideoProcessor to build it."
             )
         batch, frames = pixel_values_videos.shape[:2]
-        expected = self.config.num_video_tokens(frames, training=self.training)  # validates frames vs k
-        features = self._encode(pixel_values_videos, is_video=True).reshape(batch, expected, -1)
-        return BaseModelOutputWithPooling(pooler_output=features)
+        return batch, self.config.num_video_tokens(frames, training=self.training)  # validates frames vs k
 
-    @can_return_tuple
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """Visual tokens of a batch of images, each run as a one-frame video (spatial scan only, paper §3.2).
-
-        Args:
-            pixel_values (`torch.Tensor` of shape `(num_images, 3, height, width)`)
-
-        Returns:
-            `BaseModelOutputWithPooling` whose `pooler_output` has shape `(num_images, config.num_image_tokens(), hidden_size)`.
-        """
+    @staticmethod
+    def _check_image_pixels(pixel_values: torch.Tensor) -> None:
         if pixel_values.dim() != 4:
             raise ValueError(
                 f"pixel_values must have shape (num_images, 3, height, width), got {tuple(pixel_values.shape)}."
             )
-        features = self._encode(pixel_values.unsqueeze(1), is_video=False)  # (I, 1, N', D)
-        return BaseModelOutputWithPooling(pooler_output=features.flatten(1, 2))
+
+    def _check_placeholders_have_pixels(self, input_ids, pixel_values, pixel_values_videos) -> None:
+        """Placeholders without their pixels would reach the LLM as the placeholder token's embedding, silently (e.g.
+        a data collator that drops `pixel_values_videos`). Only the ids given to this forward count: during cached
+        generation the placeholders are in the cache, not in the new ids."""
+        if input_ids is None:
+            return
+        for pixels, token_id, name, modality in (
+            (pixel_values, self.config.image_token_id, "pixel_values", "image"),
+            (pixel_values_videos, self.config.video_token_id, "pixel_values_videos", "video"),
+        ):
+            if pixels is None and bool((input_ids == token_id).any()):
+                count = int((input_ids == token_id).sum())
+                raise ValueError(
+                    f"input_ids hold {count} {modality} placeholder tokens (id {token_id}) but no {name} were given, "
+                    f"so the LLM would read the placeholder's embedding instead of the {modality}. Pass {name} "
+                    "(StormProcessor returns both); when training with TRL's SFTTrainer, use "
+                    "training.data.StormDataCollator (or `storm train`), since a default collator drops the pixels."
+                )
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, token_id: int
@@ -413,29 +507,35 @@ class StormModel(StormPreTrainedModel):
                 accepted).
 
         Raises:
-            ValueError: placeholder tokens and visual features disagree in number; the prompt exceeds the LLM context.
+            ValueError: placeholder tokens and visual features disagree in number, or placeholders come without their
+            pixels; the prompt exceeds the LLM context.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
+        self._check_placeholders_have_pixels(input_ids, pixel_values, pixel_values_videos)
         image_outputs = video_outputs = None
         if pixel_values is not None or pixel_values_videos is not None:
             num_videos = 0 if pixel_values_videos is None else pixel_values_videos.shape[0]
             self._check_context_length(input_ids, inputs_embeds, num_videos)
+        # The visual features go through `_encode`, which keeps no vision hidden states (long videos), rather than
+        # `get_*_features`; `image_outputs` / `video_outputs` carry the features the LLM received.
         if pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values)
-            image_features = image_outputs.pooler_output.flatten(0, 1)  # (I·N', D)
+            self._check_image_pixels(pixel_values)
+            image_features = self._encode(pixel_values.unsqueeze(1), is_video=False).flatten(1, 2)  # (I, N', D)
+            image_outputs = BaseModelOutputWithPooling(pooler_output=image_features)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.image_token_id)
             describe = f"{pixel_values.shape[0]} images × {self.config.num_image_tokens()} tokens"
-            inputs_embeds = self._scatter_features(inputs_embeds, mask, image_features, "image", describe)
+            inputs_embeds = self._scatter_features(inputs_embeds, mask, image_features.flatten(0, 1), "image", describe)
         if pixel_values_videos is not None:
-            video_outputs = self.get_video_features(pixel_values_videos)
-            video_features = video_outputs.pooler_output  # (V, tokens per video, D)
-            batch, frames = pixel_values_videos.shape[:2]
+            batch, expected = self._video_token_count(pixel_values_videos)
+            video_features = self._encode(pixel_values_videos, is_video=True).reshape(batch, expected, -1)  # (V, n, D)
+            video_outputs = BaseModelOutputWithPooling(pooler_output=video_features)
+            frames = pixel_values_videos.shape[1]
             describe = (
-                f"{batch} videos × {video_features.shape[1]} tokens: {frames} frames, "
+                f"{batch} videos × {expected} tokens: {frames} frames, "
                 f"temporal_pool_size={self.config.temporal_pool_size}, spatial_pool_size={self.config.spatial_pool_size}, "
                 f"temporal_sample_rate={self.config.temporal_sample_rate}"
                 + (" (not applied in training mode)" if self.training else "")
@@ -479,12 +579,16 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # as Llava-OneVision: a tied head is sharded with its embedding
 
     def __init__(self, config: StormConfig):
         super().__init__(config)
         self.model = StormModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        if config.tie_word_embeddings and "model.language_model.embed_tokens" not in self._tp_plan:
+            # transformers < 5.24 keeps the input embeddings whole under tensor parallelism: so must their tied head
+            self._tp_plan.pop("lm_head", None)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()

@@ -8,8 +8,10 @@ B and C:
     h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t         h: (batch, dim, state)
     y_t = C_t · h_t + D ⊙ u_t,   out_t = y_t ⊙ silu(z_t)
 
-Shapes (mamba_ssm's notation): u, delta, z `(batch, dim, seqlen)`; A `(dim, state)`; B, C `(batch, state, seqlen)`;
-D, delta_bias `(dim,)`. The scan runs in float32 and returns `(batch, dim, seqlen)` in the dtype of `u`.
+Shapes (mamba_ssm's notation): u, delta, z `(batch, dim, seqlen)`; A `(dim, state)`; B, C `(batch, state, seqlen)`,
+or `(batch, groups, state, seqlen)` where each group of `dim / groups` consecutive channels has its own B and C (as in
+mamba_ssm: the temporal encoder scans its two directions in one call, as two groups); D, delta_bias `(dim,)`. The scan
+runs in float32 and returns `(batch, dim, seqlen)` in the dtype of `u`.
 
 Both also take `initial_state` (h before the first step, `(batch, dim, state)`, zeros when None) and
 `return_last_state` (also return h after the last step, float32, with its gradient): a long sequence can then be
@@ -42,6 +44,11 @@ def _finish(y, u, D, z, dtype):
     return y.to(dtype)
 
 
+def _grouped(x):
+    """B or C as `(batch, groups, state, seqlen)` float32 (one group when given as `(batch, state, seqlen)`)."""
+    return (x.unsqueeze(1) if x.dim() == 3 else x).float()
+
+
 def _initial_state(u, A, initial_state):
     if initial_state is None:
         return u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, n)
@@ -66,20 +73,24 @@ def selective_scan(
     """
     dtype = u.dtype
     u, delta = _discretize_inputs(u, delta, delta_bias, delta_softplus)
-    A, B, C = A.float(), B.float(), C.float()
+    A, B, C = A.float(), _grouped(B), _grouped(C)  # B, C (b, g, n, l)
     h = _initial_state(u, A, initial_state)  # (b, d, n)
+    batch, dim, groups = u.shape[0], u.shape[1], B.shape[1]
     ys = []
     # `split` (one autograd node for all chunks), not per-chunk slicing: each slice's backward would allocate a
     # full-length gradient, which is quadratic again at chunk granularity.
     chunks = zip(*(x.split(SCAN_CHUNK_SIZE, dim=-1) for x in (delta, u, B, C)))
-    for delta_c, u_c, B_c, C_c in chunks:  # (b, d, c), (b, d, c), (b, n, c), (b, n, c)
+    for delta_c, u_c, B_c, C_c in chunks:  # (b, d, c), (b, d, c), (b, g, n, c), (b, g, n, c)
+        length = u_c.shape[-1]
         decay = torch.exp(delta_c.unsqueeze(-1) * A[:, None, :])  # (b, d, c, n)
-        impulse = (delta_c * u_c).unsqueeze(-1) * B_c.transpose(1, 2).unsqueeze(1)  # (b, d, c, n)
+        impulse = (delta_c * u_c).view(batch, groups, dim // groups, length, 1) * B_c.transpose(2, 3).unsqueeze(2)
+        impulse = impulse.view(batch, dim, length, -1)  # (b, d, c, n): each channel with its group's B
         states = []
         for decay_t, impulse_t in zip(decay.unbind(2), impulse.unbind(2)):
             h = decay_t * h + impulse_t  # (b, d, n)
             states.append(h)
-        ys.append(torch.einsum("bdcn,bnc->bdc", torch.stack(states, dim=2), C_c))  # (b, d, c)
+        states = torch.stack(states, dim=2).view(batch, groups, dim // groups, length, -1)  # (b, g, d/g, c, n)
+        ys.append(torch.einsum("bgecn,bgnc->bgec", states, C_c).reshape(batch, dim, length))  # (b, d, c)
     out = _finish(torch.cat(ys, dim=-1), u, D, z, dtype)
     return (out, h) if return_last_state else out
 
@@ -94,11 +105,13 @@ def selective_scan_ref(
     """
     dtype = u.dtype
     u, delta = _discretize_inputs(u, delta, delta_bias, delta_softplus)
-    A, B, C = A.float(), B.float(), C.float()
+    channels_per_group = u.shape[1] // _grouped(B).shape[1]
+    A = A.float()
+    B, C = (_grouped(x).repeat_interleave(channels_per_group, dim=1) for x in (B, C))  # (b, d, n, l): per channel
     h = _initial_state(u, A, initial_state)
     ys = []
     for t in range(u.shape[2]):
-        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, :, :, t] * u[:, :, t, None]
+        ys.append(torch.einsum("bdn,bdn->bd", h, C[:, :, :, t]))
     out = _finish(torch.stack(ys, dim=2), u, D, z, dtype)
     return (out, h) if return_last_state else out

@@ -26,7 +26,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_storm import StormTemporalEncoderConfig
-from .kernels import mamba_kernels, selective_scan_with_state
+from .kernels import mamba_kernels, mamba_scan, triton_selective_scan
 from .selective_scan import selective_scan
 
 # Δ initialisation of mamba_ssm's `Mamba` (dt_min, dt_max, dt_init_floor): Δ = softplus(dt_proj.bias) starts
@@ -72,10 +72,15 @@ def _ssm_parameters(config: StormTemporalEncoderConfig):
 class StormMambaMixer(nn.Module):
     """Bidirectional Mamba-1 mixer: `(B, L, D)` → `(B, L, D)`, for a whole sequence or one chunk of it.
 
-    Forward direction as mamba_ssm `Mamba.forward` (non-fused path): `in_proj` → x, z; causal depthwise conv + SiLU;
-    `x_proj` → Δ, B, C; selective scan gated by SiLU(z). The backward direction runs the same on the flipped x, z with
-    its own `*_b` parameters and is flipped back; the two outputs are summed (or averaged, `bidirectional_merge`)
-    before `out_proj`. With `bidirectional=False` only the forward direction exists (causal, paper Table 7).
+    Forward direction as mamba_ssm `Mamba.forward`: `in_proj` → x, z; causal depthwise conv + SiLU; `x_proj` → Δ, B, C;
+    selective scan; gate SiLU(z); `out_proj`. The backward direction runs the same on the reversed x with its own `*_b`
+    parameters; its output is reversed back and summed with the forward one (or averaged, `bidirectional_merge`)
+    before the gate, which both directions share (y_f·SiLU(z) + y_b·SiLU(z) = (y_f + y_b)·SiLU(z)). With
+    `bidirectional=False` only the forward direction exists (causal, paper Table 7).
+
+    Both directions run as one: one convolution over the two directions' channels stacked (the backward one's in
+    reversed time order) and one selective scan with B and C in two groups of channels, as mamba_ssm's kernel takes
+    them, so that the only copies are the stacked x (half of it reversed) and the reversed output.
     """
 
     def __init__(self, config: StormTemporalEncoderConfig):
@@ -118,60 +123,94 @@ class StormMambaMixer(nn.Module):
             The mixer output `(B, c, D)`, and the forward scan's state after the chunk (None when no state is carried
             in or asked for: a whole sequence at once).
         """
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, E, c) each
-        forward, *backward = self.directions()
-        y, state = self._scan(x, z, *forward, state=state, return_state=return_state)  # (B, E, c)
-        if backward:
-            y_b, _ = self._scan(x.flip(-1), z.flip(-1), *backward[0], state=backward_state)
-            y_b = y_b.flip(-1)  # (B, E, c), back in forward order
-            y = y + y_b if self.merge == "sum" else (y + y_b) / 2
-        return self.out_proj(y.transpose(1, 2)), state  # (B, c, D)
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, c, E) each
+        x = x.transpose(1, 2)  # (B, E, c)
+        directions = self.directions()
+        scan_inputs = [x, x.flip(-1)] if self.bidirectional else [x]  # each in its scan order
+        y, states = self._scan(scan_inputs, directions, [state, backward_state][: len(directions)], return_state)
+        if self.bidirectional:  # y (B, 2E, c): the backward direction's half in reversed time order
+            y_forward, y_backward = y.chunk(2, dim=1)
+            y = y_forward + y_backward.flip(-1)
+            y = y if self.merge == "sum" else y / 2
+        y = y * F.silu(z.transpose(1, 2))  # (B, E, c)
+        return self.out_proj(y.transpose(1, 2)), None if states is None else states[0]  # (B, c, D)
 
     def backward_scan_state(self, hidden_states: torch.Tensor, state: StormScanState | None) -> StormScanState:
         """The backward scan's state after reading the chunk `(B, c, D)` right to left, starting from `state`."""
         x = F.linear(hidden_states, self.in_proj.weight[: self.config.intermediate_size])  # (B, c, E): z only gates y
-        return self._scan(x.transpose(1, 2).flip(-1), None, *self.directions()[1], state=state, return_state=True)[1]
+        return self._scan([x.transpose(1, 2).flip(-1)], self.directions()[1:], [state], return_state=True)[1][0]
 
-    def _scan(self, x, z, conv1d, x_proj, dt_proj, A_log, D, state=None, return_state=False):
-        """Causal conv + selective scan of one direction over x, z `(B, E, c)` in scan order → y `(B, E, c)` and
-        the state after the chunk (None unless a state is carried in or `return_state`)."""
-        # The one dispatch point: mamba_ssm / causal_conv1d kernels for CUDA tensors when they import and
-        # `use_mamba_kernels` is on; otherwise the torch spec. Both compute the same thing (tests/test_kernels.py).
-        # A chunk with a state carried in or out: the conv reads the last K-1 inputs before the chunk (zeros at the
-        # start: the conv's own causal padding); the torch scan takes the state as `initial_state` and returns the
-        # last one; mamba_ssm's kernel, which has neither, gets both from `selective_scan_with_state` (kernels.py),
-        # which loads h0 and reads h out through N extra time steps of the same kernel: exact, gradients included.
-        scan_kernel, conv_fn = mamba_kernels() if x.is_cuda and self.config.use_mamba_kernels else (None, None)
-        carried = state is not None or return_state
+    def _scan(self, xs, directions, states, return_state):
+        """Causal conv + selective scan of G = len(directions) directions at once.
+
+        Args:
+            xs (list of `torch.Tensor` of shape `(B, E, c)`): each direction's x, in its scan order.
+            directions (list of tuples): each direction's `(conv1d, x_proj, dt_proj, A_log, D)`.
+            states (list of `StormScanState` or None): each direction's state entering the chunk.
+            return_state (`bool`): return the states after the chunk even when none was carried in.
+
+        Returns:
+            y `(B, G·E, c)` before the gate, each direction's part in its scan order, and the directions' states after
+            the chunk (None unless a state is carried in or `return_state`).
+        """
+        # The one dispatch point: for CUDA tensors with `use_mamba_kernels` on, mamba_ssm's scan (and causal_conv1d's
+        # convolution) when they import, else our Triton scan; otherwise the torch spec. All compute the same thing
+        # (tests/test_kernels.py). mamba_ssm's scan has no initial state and no differentiable last state:
+        # `kernels.mamba_scan` adds them through extra time steps of the same kernel (`selective_scan_with_state`).
+        scan, conv_fn = selective_scan, None
+        if xs[0].is_cuda and self.config.use_mamba_kernels:
+            available = mamba_kernels()
+            if available.selective_scan_fn is not None:
+                scan = mamba_scan(available.selective_scan_fn)
+            else:
+                scan = triton_selective_scan() or selective_scan
+            conv_fn = available.causal_conv1d_fn
+
+        groups, (batch, inner, length) = len(directions), xs[0].shape
+        conv1d, x_proj, dt_proj, A_log, D = zip(*directions)
+        carried = return_state or any(s is not None for s in states)
+        context = conv1d[0].kernel_size[0] - 1 if carried else 0  # the K-1 inputs before the chunk (zeros at the start)
         if carried:
-            previous = x.new_zeros(*x.shape[:2], conv1d.padding[0]) if state is None else state.conv.to(x.dtype)
-            conv_inputs = torch.cat([previous, x], dim=-1)  # (B, E, K-1+c)
-            x = _causal_conv(conv_inputs, conv1d, conv_fn)[..., conv1d.padding[0] :]  # (B, E, c): the chunk's outputs
-        else:
-            x = _causal_conv(x, conv1d, conv_fn)  # (B, E, c)
-        dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.state_size, self.state_size], dim=-1)
-        dt = dt_proj.weight @ dt.transpose(1, 2)  # (B, E, c); the bias is added inside the scan
-        A = -torch.exp(A_log.float())  # (E, N)
-        B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (B, N, c)
-        scan = dict(D=D.float(), z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True)
-        if not carried:
-            return (scan_kernel or selective_scan)(x, dt, A, B, C, **scan), None
-        initial = None if state is None else state.ssm
-        if scan_kernel is None:
-            y, h = selective_scan(x, dt, A, B, C, **scan, initial_state=initial, return_last_state=True)
-        else:
-            y, h = selective_scan_with_state(scan_kernel, x, dt, A, B, C, **scan, initial_state=initial, return_last_state=True)
-        conv_state = conv_inputs[..., conv_inputs.shape[-1] - conv1d.padding[0] :].clone()  # (B, E, K-1): a copy,
-        return y, StormScanState(conv=conv_state, ssm=h)  # so that the carried state does not keep the chunk alive
+            xs = [
+                torch.cat([x.new_zeros(batch, inner, context) if s is None else s.conv.to(x.dtype), x], dim=-1)
+                for x, s in zip(xs, states)
+            ]
+        conv_inputs = _cat(xs, dim=1)  # (B, G·E, [K-1 +] c)
+        conv_weight, conv_bias = _cat([conv.weight for conv in conv1d]), _cat([conv.bias for conv in conv1d])
+        x = _causal_conv(conv_inputs, conv_weight, conv_bias, conv_fn, context)  # (B, G·E, c)
+        x_dbl = torch.stack([proj(part.transpose(1, 2)) for proj, part in zip(x_proj, x.chunk(groups, dim=1))], dim=1)
+        dt, B, C = torch.split(x_dbl.transpose(2, 3), [self.dt_rank, self.state_size, self.state_size], dim=2)
+        delta = torch.matmul(torch.stack([proj.weight for proj in dt_proj]), dt)  # (B, G, E, c); bias: in the scan
+        delta = delta.view(batch, groups * inner, length)
+        A = -torch.exp(_cat(A_log).float())  # (G·E, N)
+        scan_args = dict(D=_cat(D).float(), delta_bias=_cat([proj.bias for proj in dt_proj]).float(), delta_softplus=True)
+        if not carried:  # B, C (B, G, N, c): the directions as groups of channels
+            return scan(x, delta, A, B, C, **scan_args), None
+        initial = None
+        if any(s is not None for s in states):
+            zeros = x.new_zeros(batch, inner, self.state_size, dtype=torch.float32)
+            initial = _cat([zeros if s is None else s.ssm for s in states], dim=1)  # (B, G·E, N)
+        y, last = scan(x, delta, A, B, C, **scan_args, initial_state=initial, return_last_state=True)
+        new_states = [  # clones: a carried state does not keep the chunk's tensors alive
+            StormScanState(conv=part[..., -context:].clone(), ssm=h)
+            for part, h in zip(conv_inputs.chunk(groups, dim=1), last.chunk(groups, dim=1))
+        ]
+        return y, new_states
 
 
-def _causal_conv(x: torch.Tensor, conv1d: nn.Conv1d, conv_fn) -> torch.Tensor:
-    """Causal depthwise convolution + SiLU, `(B, E, c)` → `(B, E, c)`: output t sees inputs t-K+1..t (zeros before
-    the first). causal_conv1d's kernel when given, else torch in float32 like the kernel, so that both round once."""
+def _cat(tensors, dim: int = 0) -> torch.Tensor:
+    """`torch.cat`, without a copy when there is one tensor (a uni-directional mixer)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+def _causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv_fn, context: int) -> torch.Tensor:
+    """Causal depthwise convolution + SiLU, `(B, C, context + c)` → `(B, C, c)`: the outputs at the last c positions,
+    output t seeing inputs t-K+1..t (zeros before the first). `weight` `(C, 1, K)`, `bias` `(C,)`. causal_conv1d's
+    kernel when given, else torch in float32 like the kernel, so that both round once."""
     if conv_fn is not None:
-        return conv_fn(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")
-    out = F.conv1d(x.float(), conv1d.weight.float(), conv1d.bias.float(), padding=conv1d.padding, groups=conv1d.groups)
-    return F.silu(out[..., : x.shape[-1]]).to(x.dtype)
+        return conv_fn(x, weight.squeeze(1), bias, activation="silu")[..., context:]
+    out = F.conv1d(x.float(), weight.float(), bias.float(), padding=weight.shape[-1] - 1, groups=x.shape[1])
+    return F.silu(out[..., context : x.shape[-1]]).to(x.dtype)
 
 
 class StormMambaLayer(GradientCheckpointingLayer):
@@ -230,8 +269,8 @@ class StormTemporalEncoder(PreTrainedModel):
     _no_split_modules = ["StormMambaLayer"]
     # No attention inside: any attention implementation requested for the whole model is fine here.
     _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
-    # Regexes searched in parameter names: A_log, A_b_log, D and D_b stay fp32 under a bf16/fp16 `from_pretrained`.
-    _keep_in_fp32_modules_strict = ["mixer.A_log", "mixer.A_b_log", "mixer.D"]
+    # Whole dotted names: A_log, A_b_log, D and D_b stay fp32 under a bf16/fp16 `from_pretrained`.
+    _keep_in_fp32_modules_strict = ["mixer.A_log", "mixer.A_b_log", "mixer.D", "mixer.D_b"]
 
     def __init__(self, config: StormTemporalEncoderConfig):
         super().__init__(config)

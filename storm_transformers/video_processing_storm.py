@@ -10,6 +10,7 @@ Shape legend: T frames, H × W frame height × width (pixels), B videos in a bat
 """
 
 import bisect
+import contextlib
 import functools
 import io
 import math
@@ -17,6 +18,7 @@ import numbers
 import os
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -307,10 +309,12 @@ def _load_source(source) -> str | bytes:
     return os.fspath(source)
 
 
-def _open_container(data: str | bytes, name: str, threads: int = 0) -> "av.container.InputContainer":
+@contextlib.contextmanager
+def _open_container(data: str | bytes, name: str, threads: int = 0) -> Iterator["av.container.InputContainer"]:
     """Open a path or encoded bytes from `_load_source` with PyAV; its first video stream decodes with `threads`
     FFmpeg threads (0: as many as cores), frame- and slice-parallel ("AUTO": not slice-only, which would switch off
-    the H.264 error concealment that flags damaged frames).
+    the H.264 error concealment that flags damaged frames). On exit the decoder is drained before the container
+    closes: see `_drain`.
 
     Raises:
         ImportError: PyAV is not installed (every file or bytes video is decoded through here).
@@ -327,11 +331,28 @@ def _open_container(data: str | bytes, name: str, threads: int = 0) -> "av.conta
             f"Could not read {name} as a video ({error.strerror}). The file is truncated, corrupt or not a video "
             "(a complete MP4/WebM/MKV/AVI… file is expected)."
         ) from None
-    if container.streams.video:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        stream.codec_context.thread_count = threads
-    return container
+    with container:
+        if container.streams.video:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
+        try:
+            yield container
+        finally:
+            _drain(container)
+
+
+def _drain(container: "av.container.InputContainer") -> None:
+    """Flush the video decoder to its end. A frame-threaded FFmpeg decoder freed mid-stream (we stop after the last
+    sampled frame) is freed while Python holds the GIL; when PyAV's log callback is on (`av.logging.set_level`, which
+    torchvision<0.22 calls on import), its threads wait for the GIL and the process hangs (PyAV-Org/PyAV#1849).
+    Flushing lets the threads finish first, with the GIL released."""
+    if not container.streams.video or not container.streams.video[0].codec_context.is_open:
+        return
+    try:
+        container.streams.video[0].codec_context.decode(None)
+    except av.error.FFmpegError:
+        pass  # a damaged stream's last frames: they were not wanted
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""The CUDA kernel path (mamba_ssm / causal_conv1d) against the torch path: GPU only, skipped elsewhere."""
+"""The kernel paths of the temporal encoder (mamba_ssm / causal_conv1d, our Triton scan) against the torch spec.
+
+The CPU tests check the dispatch and the state wrapper; the GPU tests (skipped elsewhere) compare every kernel path
+with the torch path, in float32 and bfloat16, outputs and gradients, whole and in chunks with carried states. The
+Triton kernels also run on the CPU under Triton's interpreter: tests/test_selective_scan_triton.py.
+"""
 
 import subprocess
 import sys
@@ -8,43 +13,51 @@ import torch
 
 import storm_transformers.temporal_encoder as temporal_encoder
 from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig
-from storm_transformers.kernels import MambaKernels, mamba_kernels, selective_scan_with_state
+from storm_transformers.kernels import MambaKernels, mamba_kernels, selective_scan_with_state, triton_selective_scan
 from storm_transformers.selective_scan import selective_scan
 
 
 def test_kernels_are_not_imported_with_the_package():
-    code = "import sys, storm_transformers; print(sorted({'mamba_ssm', 'causal_conv1d'} & set(sys.modules)))"
+    code = (
+        "import sys, storm_transformers; "
+        "print(sorted({'mamba_ssm', 'causal_conv1d', 'storm_transformers.selective_scan_triton'} & set(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
 
 def test_cpu_tensors_never_reach_a_kernel(monkeypatch):
     def fail(*args, **kwargs):
-        raise AssertionError("a CUDA kernel was called with CPU tensors")
+        raise AssertionError("a GPU kernel was called with CPU tensors")
 
     monkeypatch.setattr(temporal_encoder, "mamba_kernels", lambda: MambaKernels(fail, fail))
-    model = StormTemporalEncoder(StormTemporalEncoderConfig(hidden_size=16, state_size=4))
+    monkeypatch.setattr(temporal_encoder, "triton_selective_scan", lambda: fail)
+    model = StormTemporalEncoder(StormTemporalEncoderConfig(hidden_size=16, state_size=4, chunk_size=4))
     assert model(torch.randn(1, 10, 16)).shape == (1, 10, 16)
 
 
-def _scan_inputs(seqlen, requires_grad=False, seed=0):
+def _scan_inputs(seqlen, requires_grad=False, seed=0, groups=0, dim=6, device="cpu", dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator).requires_grad_(requires_grad)
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device, dtype).requires_grad_(requires_grad)
 
+    bc = (2, groups, 4, seqlen) if groups else (2, 4, seqlen)
+    A = (-torch.rand(dim, 4, generator=generator) * 4).to(device).requires_grad_(requires_grad)
     return dict(
-        u=randn(2, 6, seqlen), delta=randn(2, 6, seqlen), A=(-torch.rand(6, 4, generator=generator) * 4).requires_grad_(requires_grad),
-        B=randn(2, 4, seqlen), C=randn(2, 4, seqlen), D=randn(6), z=randn(2, 6, seqlen), delta_bias=randn(6),
+        u=randn(2, dim, seqlen), delta=randn(2, dim, seqlen), A=A, B=randn(*bc), C=randn(*bc),
+        D=randn(dim).float(), z=randn(2, dim, seqlen), delta_bias=randn(dim, scale=0.5).float(),
     )
 
 
+@pytest.mark.parametrize("groups", [0, 2])
 @pytest.mark.parametrize("with_initial_state", [True, False])
 @pytest.mark.parametrize("gated", [True, False])
-def test_kernel_wrapper_adds_the_state_exactly_on_the_torch_spec(with_initial_state, gated):
+def test_kernel_wrapper_adds_the_state_exactly_on_the_torch_spec(with_initial_state, gated, groups):
     """`selective_scan_with_state` around a scan that starts from h = 0 (here the torch spec, in place of mamba_ssm's
-    kernel) equals the torch spec with `initial_state`, in outputs, last state and every gradient."""
-    inputs = _scan_inputs(50, requires_grad=True)
+    kernel) equals the torch spec with `initial_state`, in outputs, last state and every gradient, with B and C in
+    groups of channels or not."""
+    inputs = _scan_inputs(50, requires_grad=True, groups=groups)
     if not gated:
         inputs.pop("z")
     h0 = torch.randn(2, 6, 4, requires_grad=True) if with_initial_state else None
@@ -83,7 +96,10 @@ def test_chunked_encoder_on_the_kernel_wrapper_equals_the_whole_torch_scan(monke
     assert any(calls)  # the carried states went through the wrapper
 
 
-requires_kernels = pytest.mark.skipif(
+# ---------------------------------------------------------------- GPU
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_mamba = pytest.mark.skipif(
     not torch.cuda.is_available() or mamba_kernels().selective_scan_fn is None,
     reason="needs a CUDA GPU with mamba_ssm installed (pip install storm-transformers[cuda])",
 )
@@ -91,6 +107,49 @@ requires_kernels = pytest.mark.skipif(
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-12)).item()
+
+
+def _scan_outputs_and_grads(scan, inputs, initial_state, seed=1):
+    result = scan(**inputs, delta_softplus=True, initial_state=initial_state, return_last_state=True)
+    out, last = result
+    generator = torch.Generator(device=out.device).manual_seed(seed)
+    loss = (out.float() * torch.randn(out.shape, generator=generator, device=out.device)).sum() + last.square().sum()
+    leaves = [*inputs.values()] + ([initial_state] if initial_state is not None else [])
+    return [out, last, *torch.autograd.grad(loss, leaves)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("groups", [0, 2])
+@pytest.mark.parametrize("with_initial_state", [True, False])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_triton_scan_equals_the_torch_spec(groups, with_initial_state, dtype, tolerance):
+    """Outputs, last state and every gradient; 2100 steps (66 tiles, a partial last one), 40 channels (several blocks,
+    a partial last one), B and C in groups or not, inputs strided as the temporal encoder gives them."""
+    scan = triton_selective_scan()
+    assert scan is not None, "Triton ships with CUDA builds of torch"
+    inputs = _scan_inputs(2100, requires_grad=True, groups=groups, dim=40, device="cuda", dtype=dtype)
+    initial = torch.randn(2, 40, 4, device="cuda", requires_grad=True) if with_initial_state else None
+    results = _scan_outputs_and_grads(scan, inputs, initial)
+    expected = _scan_outputs_and_grads(selective_scan, inputs, initial)
+    names = ["output", "last state", *inputs, "initial_state"]
+    for name, result, reference in zip(names, results, expected):
+        assert result.dtype == reference.dtype, name
+        assert _relative_error(result, reference) <= tolerance, name
+
+
+@requires_mamba
+@pytest.mark.parametrize("groups", [0, 2])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_triton_scan_equals_mamba_ssm(groups, dtype, tolerance):
+    inputs = _scan_inputs(2100, requires_grad=True, groups=groups, dim=40, device="cuda", dtype=dtype)
+    grad_out = torch.randn(2, 40, 2100, device="cuda", dtype=dtype)
+
+    def run(scan):
+        out = scan(**inputs, delta_softplus=True)
+        return [out, *torch.autograd.grad((out * grad_out).sum(), list(inputs.values()))]
+
+    for name, result, reference in zip(["output", *inputs], run(triton_selective_scan()), run(mamba_kernels().selective_scan_fn)):
+        assert _relative_error(result, reference) <= tolerance, name
 
 
 def _run(model, x, grad_out):
@@ -102,26 +161,43 @@ def _run(model, x, grad_out):
     return out.detach(), x.grad.clone(), grads
 
 
-@requires_kernels
-@pytest.mark.parametrize("kernel_set", ["scan", "conv", "both"])
-@pytest.mark.parametrize("bidirectional", [True, False])
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
-def test_kernel_path_equals_torch_path(monkeypatch, kernel_set, bidirectional, dtype, tolerance):
-    available = mamba_kernels()
-    if kernel_set != "scan" and available.causal_conv1d_fn is None:
-        pytest.skip("causal_conv1d is not installed")
-    chosen = MambaKernels(
-        available.selective_scan_fn if kernel_set != "conv" else None,
-        available.causal_conv1d_fn if kernel_set != "scan" else None,
-    )
-    monkeypatch.setattr(temporal_encoder, "mamba_kernels", lambda: chosen)
+def _cuda_encoder(bidirectional, dtype):
     torch.manual_seed(0)
     config = StormTemporalEncoderConfig(hidden_size=64, num_hidden_layers=2, bidirectional=bidirectional)
     model = StormTemporalEncoder(config).cuda().to(dtype)
     for layer in model.layers:  # mamba_ssm keeps these in fp32; so do we
         for _, _, _, A_log, D in layer.mixer.directions():
             A_log.data, D.data = A_log.data.float(), D.data.float()
-    x = torch.randn(2, 3 * 700, 64, device="cuda", dtype=dtype)  # longer than one 2048-step kernel chunk
+    return config, model
+
+
+# (scan, convolution) of each kernel path: what `mamba_kernels` is made to return (None: not installed). With no
+# mamba_ssm scan, `StormMambaMixer._scan` runs the Triton scan.
+KERNEL_SETS = {
+    "mamba_ssm scan": ("mamba", None),
+    "causal_conv1d": (None, "conv"),  # with the Triton scan
+    "mamba_ssm scan + causal_conv1d": ("mamba", "conv"),
+    "triton scan": (None, None),
+}
+
+
+def _kernel_set(monkeypatch, name):
+    scan, conv = KERNEL_SETS[name]
+    available = mamba_kernels()
+    if (scan and available.selective_scan_fn is None) or (conv and available.causal_conv1d_fn is None):
+        pytest.skip(f"{name}: mamba_ssm / causal_conv1d is not installed")
+    chosen = MambaKernels(available.selective_scan_fn if scan else None, available.causal_conv1d_fn if conv else None)
+    monkeypatch.setattr(temporal_encoder, "mamba_kernels", lambda: chosen)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kernel_set", KERNEL_SETS)
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_kernel_path_equals_torch_path(monkeypatch, kernel_set, bidirectional, dtype, tolerance):
+    _kernel_set(monkeypatch, kernel_set)
+    config, model = _cuda_encoder(bidirectional, dtype)
+    x = torch.randn(2, 3 * 700, 64, device="cuda", dtype=dtype)  # longer than one 2048-step mamba_ssm chunk
     grad_out = torch.randn_like(x)
     config.use_mamba_kernels = True
     kernel_out, kernel_dx, kernel_grads = _run(model, x, grad_out)
@@ -133,18 +209,16 @@ def test_kernel_path_equals_torch_path(monkeypatch, kernel_set, bidirectional, d
         assert _relative_error(kernel_grads[name], grad) <= tolerance, name
 
 
-@requires_kernels
+@requires_cuda
+@pytest.mark.parametrize("kernel_set", ["mamba_ssm scan + causal_conv1d", "triton scan"])
 @pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
-def test_chunked_kernel_path_equals_whole_sequence_kernel_and_torch_paths(monkeypatch, bidirectional, dtype, tolerance):
-    """The scan in chunks of 700 tokens (not dividing 2100 + 5; state carried through `selective_scan_with_state`)
-    against one whole-sequence kernel call and against the torch path: outputs, input and parameter gradients."""
-    torch.manual_seed(0)
-    config = StormTemporalEncoderConfig(hidden_size=64, num_hidden_layers=2, bidirectional=bidirectional)
-    model = StormTemporalEncoder(config).cuda().to(dtype)
-    for layer in model.layers:  # mamba_ssm keeps these in fp32; so do we
-        for _, _, _, A_log, D in layer.mixer.directions():
-            A_log.data, D.data = A_log.data.float(), D.data.float()
+def test_chunked_kernel_path_equals_whole_sequence_kernel_and_torch_paths(monkeypatch, kernel_set, bidirectional, dtype, tolerance):
+    """The scan in chunks of 700 tokens (not dividing 2100 + 5; states carried: mamba_ssm through
+    `selective_scan_with_state`, Triton natively) against one whole-sequence kernel call and against the torch path:
+    outputs, input and parameter gradients."""
+    _kernel_set(monkeypatch, kernel_set)
+    config, model = _cuda_encoder(bidirectional, dtype)
     x = torch.randn(2, 3 * 700 + 5, 64, device="cuda", dtype=dtype)
     grad_out = torch.randn_like(x)
     results = {}
@@ -161,3 +235,98 @@ def test_chunked_kernel_path_equals_whole_sequence_kernel_and_torch_paths(monkey
         config.use_mamba_kernels, config.chunk_size = True, 700
         in_place = torch.cat([chunk for _, chunk in model.output_chunks(x.clone())], dim=1)
     assert _relative_error(in_place, results["whole kernel"][0]) <= tolerance
+
+
+# ---------------------------------------------------------------- vision tower compilation, FP8 linears
+
+
+@pytest.fixture
+def eager_backend_compilation(monkeypatch):
+    """Compile the vision layer with dynamo's "eager" backend (tracing and guards as on a GPU, no code generation)."""
+    from storm_transformers import kernels
+
+    monkeypatch.setattr(kernels, "VISION_COMPILE_OPTIONS", {"backend": "eager"})
+    kernels._compiled_vision_layer.cache_clear()
+    torch._dynamo.reset()
+    yield kernels
+    kernels._compiled_vision_layer.cache_clear()
+    torch._dynamo.reset()
+
+
+def _tiny_siglip():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    return SiglipVisionModel(config).eval()
+
+
+def test_compiled_vision_layers_share_one_graph_and_equal_eager(eager_backend_compilation):
+    from torch._dynamo.utils import counters
+
+    from storm_transformers.modeling_storm import vision_hidden_state
+
+    kernels = eager_backend_compilation
+    tower = _tiny_siglip()
+    with torch.no_grad():
+        pixels = torch.randn(3, 3, 32, 32)
+        assert kernels.vision_layer_runner(pixels) is kernels.run_vision_layer  # CPU tensors: eager
+        expected = vision_hidden_state(tower, pixels, -2)
+        counters.clear()
+        hidden = tower.embeddings(pixels)
+        for layer in tower.encoder.layers[:3]:
+            hidden = kernels._compiled_or_eager(layer, hidden)
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1  # one compilation for the three layers
+    with torch.enable_grad():
+        assert kernels.vision_layer_runner(pixels) is kernels.run_vision_layer  # autograd recording: eager
+
+
+def test_failed_vision_compilation_falls_back_to_eager(eager_backend_compilation, monkeypatch):
+    kernels = eager_backend_compilation
+
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(kernels, "VISION_COMPILE_OPTIONS", {"backend": failing_backend})
+    monkeypatch.setattr(kernels, "COMPILE_VISION_TOWER", True)
+    tower = _tiny_siglip()
+    with torch.no_grad():
+        hidden = tower.embeddings(torch.randn(2, 3, 32, 32))
+        with pytest.warns(UserWarning, match="running them eagerly"):
+            out = kernels._compiled_or_eager(tower.encoder.layers[0], hidden)
+        torch.testing.assert_close(out, kernels.run_vision_layer(tower.encoder.layers[0], hidden))
+    assert kernels.COMPILE_VISION_TOWER is False
+
+
+def test_fp8_linears_are_close_to_the_bf16_ones():
+    from storm_transformers.kernels import Fp8Linear, quantize_linears_fp8
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 16, bias=False))
+    module = module.to(torch.bfloat16)
+    x = torch.randn(5, 7, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = module(x)
+        assert quantize_linears_fp8(module) == 2
+        out = module(x)
+    first = module[0]
+    assert isinstance(first, Fp8Linear) and first.weight.dtype == torch.float8_e4m3fn
+    assert out.shape == expected.shape and out.dtype == torch.bfloat16
+    assert 0 < _relative_error(out, expected) < 0.1  # e4m3 keeps 3 mantissa bits (≤ 6% per element)
+    # Exactly the product of the dequantized operands: weights per output channel, activations per row.
+    rows = x.reshape(-1, 64).float()
+    scale = rows.abs().amax(dim=1, keepdim=True) / 448
+    dequantized = (rows / scale).to(torch.float8_e4m3fn).float() * scale
+    weight = first.weight.float() * first.weight_scale.t()
+    with torch.no_grad():
+        reference = dequantized @ weight.t() + first.bias.float()
+        torch.testing.assert_close(first(x).reshape(-1, 32).float(), reference, rtol=1e-2, atol=1e-2)
+
+
+def test_fp8_refuses_sizes_that_are_not_multiples_of_16():
+    from storm_transformers.kernels import quantize_linears_fp8
+
+    with pytest.raises(ValueError, match="multiples of 16"):
+        quantize_linears_fp8(torch.nn.Sequential(torch.nn.Linear(24, 16)))

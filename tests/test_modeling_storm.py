@@ -311,3 +311,81 @@ def test_frames_move_to_the_vision_tower_one_chunk_at_a_time():
     model.config.vision_chunk_size = 0
     with pytest.raises(ValueError, match="vision_chunk_size=0 must be a positive number of frames"):
         model.get_video_features(pixels)
+
+
+# transformers' VLM contracts (the ones its common test mixins check; issue 14)
+
+
+@pytest.mark.parametrize("modality", ["video", "image"])
+def test_features_carry_the_vision_towers_outputs(modality):
+    config = tiny_config()
+    model = build(config)
+    model.set_attn_implementation("eager")  # attention weights exist only there
+    pixels = video_inputs(config, num_frames=4, batch_size=2)["pixel_values_videos"]  # (2, 4, 3, 32, 32)
+    features = model.get_video_features if modality == "video" else model.get_image_features
+    inputs = pixels if modality == "video" else pixels[:, 0]
+    frames = pixels.flatten(0, 1) if modality == "video" else pixels[:, 0]
+    vision = model.model.vision_tower(frames, output_hidden_states=True, output_attentions=True)
+    plain = features(inputs)
+    # last_hidden_state: the vision tower's hidden state at vision_feature_layer, per video (and frame)
+    expected_state = vision.hidden_states[config.vision_feature_layer]  # (F, P, C)
+    torch.testing.assert_close(plain.last_hidden_state.flatten(0, -3), expected_state, rtol=1e-5, atol=1e-5)
+    assert plain.last_hidden_state.shape[0] == 2 and plain.last_hidden_state.shape[-1] == config.vision_config.hidden_size
+    assert plain.hidden_states is None and plain.attentions is None
+    asked = features(inputs, output_hidden_states=True, output_attentions=True)
+    layers = config.vision_config.num_hidden_layers
+    assert len(asked.hidden_states) == layers + 1 and len(asked.attentions) == layers
+    torch.testing.assert_close(asked.hidden_states[-1], vision.hidden_states[-1])
+    torch.testing.assert_close(asked.pooler_output, plain.pooler_output, rtol=1e-5, atol=1e-5)
+    model.config.vision_config.output_hidden_states = True  # from the config too, as transformers' models do
+    assert len(features(inputs).hidden_states) == layers + 1
+
+
+def test_outputs_carry_the_image_and_video_outputs():
+    config = tiny_config()
+    model = build(config)
+    inputs = video_inputs(config, num_frames=4, prefix=(1, *[IMAGE_TOKEN_ID] * config.num_image_tokens(), 2))
+    image = torch.randn(1, 3, 32, 32)
+    out = model(**inputs, pixel_values=image)
+    torch.testing.assert_close(out.video_outputs.pooler_output, model.get_video_features(inputs["pixel_values_videos"]).pooler_output)
+    torch.testing.assert_close(out.image_outputs.pooler_output, model.get_image_features(image).pooler_output)
+    assert model(input_ids=inputs["input_ids"][:, :1]).video_outputs is None  # text only: no visual outputs
+
+
+@pytest.mark.parametrize("drop", ["pixel_values_videos", "pixel_values"])
+def test_placeholders_without_their_pixels_raise(drop):
+    """A collator that drops the pixels (TRL's default one) would train on the placeholder's embedding in silence."""
+    config = tiny_config()
+    model = build(config).train()
+    inputs = video_inputs(config, num_frames=4, prefix=(1, *[IMAGE_TOKEN_ID] * config.num_image_tokens(), 2))
+    inputs["pixel_values"] = torch.randn(1, 3, 32, 32)
+    inputs.pop(drop)
+    with pytest.raises(ValueError, match=rf"placeholder tokens .* but no {drop} were given.*StormDataCollator"):
+        model(**inputs, labels=inputs["input_ids"])
+    # cached generation passes only the new ids: placeholders already in the cache are not re-checked
+    model.eval()
+    inputs = video_inputs(config)
+    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_fp32_ssm_parameters_are_named_whole():
+    """`_keep_in_fp32_modules_strict` names every fp32 parameter by its whole dotted name, not by a prefix of another."""
+    import re
+
+    model = build(tiny_config())
+    names = set(model.state_dict())
+    for entry in model.model.temporal_encoder._keep_in_fp32_modules_strict:
+        assert any(re.search(rf"(?:^|\.){re.escape(entry)}(?:\.|$)", name) for name in names), entry
+    kept = {name.rsplit(".", 1)[-1] for name in names if "mixer" in name and "proj" not in name and "conv" not in name}
+    assert kept == {"A_log", "A_b_log", "D", "D_b"}
+    assert all(f"mixer.{name}" in model.model.temporal_encoder._keep_in_fp32_modules_strict for name in kept)
+
+
+def test_a_tied_lm_head_is_sharded_with_its_embedding():
+    config = tiny_config()
+    config.tie_word_embeddings = True
+    model = build(config)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    names = {module: name for name, module in model.named_modules()}
+    head, embedding = names[model.lm_head], names[model.get_input_embeddings()]
+    assert (head in model.tp_plan) == (embedding in model.tp_plan), model.tp_plan

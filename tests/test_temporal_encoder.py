@@ -182,7 +182,8 @@ def test_chunks_hold_no_tensor_of_the_whole_sequence_wider_than_the_residual_str
                 pass
         return counter.largest
 
-    assert largest_tensor(20) <= residual
+    # The torch scan's per-chunk (B, 2E, c, N) tensors (both directions at once) stay below L·D for c = 10.
+    assert largest_tensor(10) <= residual
     assert largest_tensor(None) >= 4 * residual  # in_proj output: 2E = 4D wide
 
 

@@ -2,6 +2,9 @@
 seeking on pts or dts, B-frames, raw elementary streams, broken timestamps, rotation, resolution changes, damage."""
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -20,6 +23,7 @@ from video_files import (
 from storm_transformers import StormVideoProcessor, read_video_pyav
 from storm_transformers import video_processing_storm as decoding
 
+REPO = Path(__file__).resolve().parents[1]
 FRAMES = 35
 # name: (file suffix, write_video arguments). Keyframes every 8 frames (unless given), so samples need seeking.
 CONTAINERS = {
@@ -148,3 +152,23 @@ def test_concealed_decoding_errors_are_named(tmp_path, caplog):
         read_video_pyav(path, lambda metadata: np.array([0, 2, 4, 6, 12]))
     assert "damaged.mp4: the decoder concealed damaged data (corrupt slices) in frames [3, 4]" in caplog.text
     assert "the sampled frames [4, 6] (at 0.16, 0.24 s)" in caplog.text
+
+
+def test_decoding_with_pyavs_log_callback_on_does_not_hang(tmp_path):
+    """PyAV's log callback (`av.logging.set_level`; torchvision<0.22 turns it on when imported) and a frame-threaded
+    decoder closed mid-stream deadlock unless the decoder is drained first (PyAV-Org/PyAV#1849; CI hung here). A
+    subprocess, so that a regression fails on its timeout instead of hanging the suite."""
+    path = write_video(tmp_path / "clip.mp4", numbered_frames(FRAMES), gop_size=8)
+    script = (
+        "import av, sys\n"
+        "av.logging.set_level(av.logging.ERROR)\n"
+        "from storm_transformers import read_video_pyav\n"
+        "for _ in range(5):\n"
+        "    frames, _ = read_video_pyav(sys.argv[1], lambda metadata: [0, 3, 17])\n"
+        "print(frames.shape)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(3, 64, 96, 3)"
