@@ -33,8 +33,8 @@ def storm_model_card(
     `summary`, `provenance` and `limits` are Markdown paragraphs; `base_model`/`base_model_relation` describe where
     the weights came from (Hub ids, relation one of adapter | merge | quantized | finetune). Every STORM folder carries
     its code (`save_pretrained` writes it), so the usage loads it with `trust_remote_code=True` and the tags get
-    "custom_code", besides "video", "mamba", "storm" and `extra_tags` (e.g. "random-weights", which `storm generate` warns about). `example`: the (video path,
-    question) of the usage snippet.
+    "custom_code", besides "video", "mamba", "storm" and `extra_tags` (e.g. "random-weights", which `storm generate`
+    warns about). `example`: the (video path, question) of the usage snippet.
     """
     config = model.config
     num_frames = processor.video_processor.num_frames
