@@ -8,6 +8,7 @@ imported, its own classes load the same folders.
 """
 
 import ast
+import filecmp
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import torch
 import transformers.utils.hub
 from conversion_sources import read_json, save_qwen2, save_siglip
 from huggingface_hub import ModelCard
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from storm_testing import tiny_config
 from transformers import AutoModel, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor
 from trl import SFTConfig
@@ -34,6 +35,7 @@ import storm_transformers
 from storm_transformers import StormForConditionalGeneration, StormModel, StormProcessor, read_video_pyav
 from storm_transformers.conversion.compose import compose
 from storm_transformers.training.args import StormDataArguments, StormModelArguments
+from storm_transformers.training.modules import storm_lora_config
 from storm_transformers.training.sft import main as sft
 
 PACKAGE = Path(storm_transformers.__file__).parent
@@ -50,6 +52,7 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_storm.StormForConditionalGeneration",
     "AutoModelForMultimodalLM": "modeling_storm.StormForConditionalGeneration",
 }
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "storm-tiny-synthetic"
 NOT_INSTALLED = ("storm_transformers", "storm_cli", "av")  # hidden from the bare Python below
 NUM_FRAMES, NEW_TOKENS, QUESTION = 4, 6, "What happens in the video?"
 REPO = "someone/storm-tiny"
@@ -73,7 +76,7 @@ LOAD_WITHOUT_STORM = textwrap.dedent(
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": job["question"]}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(text=prompt, videos=[frames], return_tensors="pt")
+        inputs = processor(text=prompt, videos=[frames], do_sample_frames=False, return_tensors="pt")
         with torch.no_grad():
             tokens = model.generate(**inputs, max_new_tokens=job["new_tokens"], do_sample=False)[0].tolist()
         try:
@@ -132,32 +135,32 @@ def dataset(tmp_path_factory, videos_dir):
     return folder / "train.jsonl"
 
 
-def recipe(checkpoint, dataset, output_dir, **model_args):
-    """The training recipe (`storm train`), one step on the CPU."""
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_checkpoint, dataset):
+    """The folder the training recipe (`storm train`, full fine-tuning) writes: one step on the CPU."""
+    output_dir = tmp_path_factory.mktemp("trained") / "out"
     data_args = StormDataArguments(dataset_name=str(dataset), num_frames=NUM_FRAMES)
     training_args = SFTConfig(
         output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=1, learning_rate=1e-2,
         save_strategy="no", report_to="none", bf16=False, use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
-    sft(data_args, StormModelArguments(model_name_or_path=str(checkpoint), **model_args), training_args)
-    return Path(output_dir)
+    sft(data_args, StormModelArguments(model_name_or_path=str(tiny_checkpoint)), training_args)
+    return output_dir
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_checkpoint, dataset):
-    """The folder `storm train` writes (full fine-tuning)."""
-    return recipe(tiny_checkpoint, dataset, tmp_path_factory.mktemp("trained") / "out")
-
-
-@pytest.fixture(scope="module")
-def merged(tmp_path_factory, tiny_checkpoint, dataset, hub):
-    """A LoRA adapter trained by the recipe, merged into its base and saved as the README says; then pushed with
-    `push_to_hub` (model and processor) to the recording Hub. Returns (saved folder, pushed folder)."""
+def merged(tmp_path_factory, tiny_checkpoint, hub):
+    """A LoRA adapter of the recipe's configuration (`storm_lora_config`; random, not trained: `storm train
+    --use_peft` is tested in test_training_sft.py), saved, loaded on its base, merged and saved as the README says;
+    then pushed with `push_to_hub` (model and processor) to the recording Hub. Returns (saved folder, pushed folder)."""
     root = tmp_path_factory.mktemp("lora")
-    adapter = recipe(tiny_checkpoint, dataset, root / "adapter", use_peft=True)
+    config = storm_lora_config()
+    config.init_lora_weights = False  # random B too, so that merging changes the weights
+    torch.manual_seed(0)
+    get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_checkpoint), config).save_pretrained(root / "lora")
     base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
-    model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    processor = AutoProcessor.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(base, root / "lora").merge_and_unload()
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     model.save_pretrained(root / "merged")
     processor.save_pretrained(root / "merged")
     model.push_to_hub(f"{REPO}-merged")
@@ -204,7 +207,8 @@ def generate_with_our_classes(folder: Path, frames_file: Path) -> list[int]:
     assert type(model) is StormForConditionalGeneration and type(processor) is StormProcessor
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=prompt, videos=[np.load(frames_file)], return_tensors="pt")
+    # The frames as given: each folder's processor has its own default frame count.
+    inputs = processor(text=prompt, videos=[np.load(frames_file)], do_sample_frames=False, return_tensors="pt")
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
 
@@ -212,7 +216,8 @@ def generate_with_our_classes(folder: Path, frames_file: Path) -> list[int]:
 def test_folders_load_and_generate_without_storm_and_without_pyav(
     trained, merged, composed, frames, video_path, bare_site_packages, tmp_path
 ):
-    folders = [trained, merged[0], merged[1], composed[1]]  # recipe, merged LoRA, its push, a pushed conversion
+    # The recipe's output, a merged LoRA, a pushed conversion (a pushed folder holds the saved files: checked below).
+    folders = [trained, merged[0], composed[1], SHIPPED]  # and the miniature STORM that ships in checkpoints/
     job = {
         "site": str(bare_site_packages),
         "hidden": list(NOT_INSTALLED),
@@ -279,8 +284,10 @@ def check_code_files(folder: Path) -> None:
 def test_every_folder_carries_the_code_and_auto_map(trained, merged, composed, hub):
     for folder in (trained, *merged, *composed):
         check_code_files(folder)
-    assert sorted(os.listdir(merged[1])) == sorted([*os.listdir(merged[0]), "README.md"])  # push_to_hub = save
-    assert sorted(os.listdir(composed[1])) == sorted(os.listdir(composed[0]))
+    for saved, pushed in (merged, composed):  # push_to_hub uploads what save_pretrained writes (and a card)
+        names = sorted(os.listdir(saved))
+        assert sorted(set(os.listdir(pushed)) - {"README.md"}) == sorted(set(names) - {"README.md"})
+        assert filecmp.cmpfiles(saved, pushed, set(names) - {"README.md"}, shallow=False)[1:] == ([], [])
     assert ("upload_folder", REPO) in hub.calls and ("create_commit", f"{REPO}-merged") in hub.calls
     card = ModelCard.load(composed[0] / "README.md")
     assert "custom_code" in card.data.tags and "pip install storm-transformers" not in card.text
