@@ -165,6 +165,7 @@ def main():
     args = parser.parse_args()
     if args.build:
         out_dir = Path(args.out_dir or args.assets)
+        out_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         ten = build(out_dir / f"long_720p_k{args.keyint}.mp4", args.keyint, args.preset, Path(args.assets))
         print(f"built {ten} in {time.perf_counter() - start:.0f} s", flush=True)

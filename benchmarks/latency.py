@@ -217,8 +217,9 @@ def vision_compilation(options: dict | None):
 # ---------------------------------------------------------------- models
 
 
-def storm_config(max_positions: int = 32768):
-    """The paper's STORM-7B (StormConfig defaults), or a tiny one with --smoke."""
+def storm_config(max_positions: int = 131072):
+    """The paper's STORM-7B (StormConfig defaults), or a tiny one with --smoke; the LLM's context raised to
+    `max_positions` (random weights), so that the uncompressed rows (65,536 visual tokens at 256 frames) fit."""
     from storm_transformers import StormConfig
 
     if SMOKE:
@@ -237,7 +238,7 @@ def storm_config(max_positions: int = 32768):
     return config
 
 
-def storm_7b(max_positions: int = 32768):
+def storm_7b(max_positions: int = 131072):
     from storm_transformers import StormForConditionalGeneration
 
     with torch.device(DEVICE):
