@@ -421,7 +421,7 @@ class StormModel(StormPreTrainedModel):
         """Placeholders without their pixels would reach the LLM as the placeholder token's embedding, silently (e.g.
         a data collator that drops `pixel_values_videos`). Only the ids given to this forward count: during cached
         generation the placeholders are in the cache, not in the new ids."""
-        if input_ids is None:
+        if input_ids is None or torch.compiler.is_compiling():  # a compiled decode step: no host sync, no graph break
             return
         for pixels, token_id, name, modality in (
             (pixel_values, self.config.image_token_id, "pixel_values", "image"),
