@@ -1,14 +1,16 @@
 """The `storm` command: parses, validates every flag, and dispatches. Importing it imports neither torch nor
 transformers, so `storm --help` and flag errors answer at once; each subcommand imports what it needs when it runs.
 
-    storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F] [--max-new-tokens M]
-                   (default model: the miniature STORM trained on synthetic clips, checkpoints/storm-tiny-synthetic)
+    storm generate --video FILE --prompt TEXT [--model DIR] [--num-frames N | --fps F [--max-frames N]] [--fit]
+                   [--max-new-tokens M]   (prints the frames, visual tokens and context fit before decoding;
+                   default model: the miniature STORM trained on synthetic clips, checkpoints/storm-tiny-synthetic)
     storm fetch-assets [--output assets] [--with-llm]                               (storm_transformers.conversion.cli)
     storm build-tiny-random [--output assets/storm-tiny-random]
     storm convert {compose,vila,gguf} …
     storm train --config storm_transformers/training/configs/sft_lora.yaml [--flag value …]
                                                                                     (storm_transformers.training.cli)
     storm stream --model DIR --video FILE --questions Q.jsonl [--speed X] [--fps F] (storm_transformers.streaming)
+    storm serve [--model DIR] [--host 127.0.0.1] [--port 8000]                        (storm_transformers.serving)
 
 Every subcommand's flags are declared here, and its run function (in the module named on the right) is imported only
 when it runs: nothing of the package is imported to parse. A flag value that cannot be right (`--num-frames 0`,
@@ -63,6 +65,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port; give one from 1 to 65535")
+    return value
+
+
 def _run(module: str, function: str):
     """A subcommand's run function, imported only when the subcommand runs."""
 
@@ -86,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
         "--num-frames", type=positive_int, help="frames sampled uniformly, a multiple of k (default: the processor's)"
     )
     frames.add_argument("--fps", type=positive_float, help="sample this many frames per second instead")
+    gen.add_argument(
+        "--max-frames", type=positive_int, help="with --fps: at most this many frames, spread over the whole video "
+        "(default: the processor's, 3600)"
+    )
+    gen.add_argument(
+        "--fit", action="store_true", help="if the video's tokens do not fit the LLM context: with --fps, the most "
+        "frames that fit; with a frame count, the lowest temporal sampling rate s that fits (says what it picked)"
+    )
     gen.add_argument("--max-new-tokens", type=positive_int, default=64)
     gen.add_argument(
         "--temporal-sample-rate", type=positive_int, help="test-time temporal sampling s (model and processor)"
@@ -96,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     _register_conversion(commands)
     _register_train(commands)
     _register_stream(commands)
+    _register_serve(commands)
     return parser
 
 
@@ -181,6 +200,27 @@ def _register_stream(commands) -> None:
     stream.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, … (default: cuda if present, else cpu)")
     stream.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's)")
     stream.set_defaults(run=_run("storm_transformers.streaming", "stream_command"))
+
+
+def _register_serve(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a checkpoint with transformers' OpenAI-compatible server (text, image and video content parts)",
+        description="Run transformers' OpenAI-compatible server (`transformers serve`) with STORM registered, for one "
+        "checkpoint. Content parts: text, image_url, video_url (local path on the server, http(s) URL, base64 data "
+        "URI). Videos get the processor's num_frames unless a request passes chat_template_kwargs num_frames or fps. "
+        "Needs the serving packages: pip install 'storm-transformers[serve]'.",
+    )
+    serve.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"checkpoint folder or Hub id (default: {DEFAULT_MODEL})"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)"
+    )
+    serve.add_argument("--port", type=port_number, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default auto: accelerate's device_map)")
+    serve.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's)")
+    serve.set_defaults(run=_run("storm_transformers.serving", "serve_command"))
 
 
 def main(argv: list[str] | None = None) -> int:

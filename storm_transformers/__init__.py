@@ -1,8 +1,8 @@
 """STORM for transformers: `import storm_transformers` registers the model and its processors with the Auto classes.
 
-After the import, `AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoModelForMultimodalLM` (so
-`pipeline("any-to-any")` finds it), `AutoProcessor` and `AutoVideoProcessor` load STORM checkpoints with plain
-`from_pretrained`.
+After the import, `AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoModelForMultimodalLM`,
+`AutoProcessor` and `AutoVideoProcessor` load STORM checkpoints with plain `from_pretrained`, so
+`pipeline("image-text-to-text", model=folder)` and `pipeline("any-to-any", model=folder)` both work; serving through transformers' OpenAI-compatible server is `storm_transformers.serving` (`storm serve`).
 
 The classes are also registered for their Auto classes with transformers' `register_for_auto_class`, so that every
 `save_pretrained` (and `push_to_hub`, the training recipes, a merged LoRA, the conversions) writes the code files of
@@ -23,12 +23,13 @@ from transformers import (
 
 from .configuration_storm import StormConfig, StormTemporalEncoderConfig, get_num_visual_tokens
 from .modeling_storm import StormForConditionalGeneration, StormModel, StormPreTrainedModel
-from .processing_storm import StormProcessor, default_chat_template
+from .processing_storm import StormProcessor, VideoTokenBudget, default_chat_template, video_token_budget
 from .temporal_encoder import StormTemporalEncoder
 from .video_processing_storm import (
     StormVideoMetadata,
     StormVideoProcessor,
     StormVideoProcessorKwargs,
+    read_video_metadata,
     read_video_pyav,
     sample_frame_indices,
 )
@@ -57,8 +58,11 @@ __all__ = [
     "StormVideoMetadata",
     "StormVideoProcessor",
     "StormVideoProcessorKwargs",
+    "VideoTokenBudget",
     "default_chat_template",
     "get_num_visual_tokens",
+    "read_video_metadata",
     "read_video_pyav",
     "sample_frame_indices",
+    "video_token_budget",
 ]

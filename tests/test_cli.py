@@ -32,7 +32,8 @@ def test_storm_generate_on_a_real_video(tiny_checkpoint, video_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "has random (untrained) weights" in out
-    assert "frames decoded: 8, at 0.00 … 5.24 s" in out
+    assert "budget: 8 frames at 0.00 … 5.24 s → 32 visual tokens" in out
+    assert "frames decoded: 8 of 1280×720, at 0.00 … 5.24 s" in out
     assert "visual tokens sent to the LLM: 32 (k=4" in out  # 8 frames / k=4 -> 2 x 16 tokens
     assert "(5 new tokens)" in out and "answer: " in out
 

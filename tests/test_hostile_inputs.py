@@ -4,7 +4,7 @@ Prints `hostile inputs: N cases, E clear errors, A accepted, U unclear crashes, 
 rejected` and fails on any unclear crash, silent wrong result or rejected valid input, listing them.
 """
 
-from hostile_inputs import CASES, Case, WrongResult, classify, run_cases, summary
+from hostile_inputs import CASES, Case, WrongResult, _numbered, classify, read, run_cases, same_frames, summary
 
 
 def test_every_hostile_input_is_a_clear_error_or_accepted(tmp_path, capsys):
@@ -14,8 +14,9 @@ def test_every_hostile_input_is_a_clear_error_or_accepted(tmp_path, capsys):
     bad = [f"{outcome}: [{case.area}] {case.name}: {message[:300]}" for case, outcome, message in results
            if outcome not in ("clear error", "accepted")]
     assert not bad, "\n".join(bad)
-    assert len(CASES) >= 100 and {case.area for case in CASES} >= {
-        "config", "cli", "checkpoint", "training data", "training args", "conversion"
+    assert len(CASES) >= 250 and {case.area for case in CASES} >= {
+        "config", "cli", "checkpoint", "training data", "training args", "conversion", "video file", "sampling",
+        "frames", "processor", "model",
     }
 
 
@@ -41,6 +42,9 @@ def test_the_classifier_tells_the_outcomes_apart(tmp_path):
     raw = Case("x", "g", _raise(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")), names=())
     wrong = Case("x", "h", _raise(WrongResult("the pickle ran")))
     wrong_value = Case("x", "i", lambda folder: 7, expect="accept", check=lambda tokens: tokens == 8192)
-    assert [classify(case, tmp_path)[0] for case in (unnamed, raw, wrong, wrong_value)] == [
-        "unclear crash", "unclear crash", "silent wrong result", "silent wrong result"
+    # A decoder that returned each frame's neighbour: the frames carry their own index, so the check sees it.
+    neighbours = Case("x", "j", lambda folder: read(_numbered(folder, "clip.mp4"), [1, 4]), expect="accept",
+                      check=same_frames([0, 3]))
+    assert [classify(case, tmp_path)[0] for case in (unnamed, raw, wrong, wrong_value, neighbours)] == [
+        "unclear crash", "unclear crash", "silent wrong result", "silent wrong result", "silent wrong result"
     ]
