@@ -280,14 +280,18 @@ class StormConfig(PreTrainedConfig):
         patches_per_side = self.vision_config.image_size // self.vision_config.patch_size
         return math.ceil(patches_per_side / self.downsample_factor)
 
-    def num_video_tokens(self, num_frames: int, training: bool = False) -> int:
-        """Visual tokens the LLM receives for one video of `num_frames` frames (see `get_num_visual_tokens`)."""
+    def num_video_tokens(self, num_frames: int, training: bool = False, temporal_sample_rate: int | None = None) -> int:
+        """Visual tokens the LLM receives for one video of `num_frames` frames (see `get_num_visual_tokens`): at the
+        config's `temporal_sample_rate`, or at `temporal_sample_rate` when given (what another s would give), or
+        without sampling when `training`."""
+        if temporal_sample_rate is None:
+            temporal_sample_rate = self.temporal_sample_rate
         return get_num_visual_tokens(
             num_frames,
             grid_size=self.token_grid_size,
             temporal_pool_size=self.temporal_pool_size,
             spatial_pool_size=self.spatial_pool_size,
-            temporal_sample_rate=1 if training else self.temporal_sample_rate,
+            temporal_sample_rate=1 if training else temporal_sample_rate,
         )
 
     def num_image_tokens(self) -> int:

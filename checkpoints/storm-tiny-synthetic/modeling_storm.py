@@ -368,7 +368,8 @@ class StormModel(StormPreTrainedModel):
               …)`, when asked for.
 
         Raises:
-            ValueError: if the input is not 5-D or `num_frames` is not a multiple of `temporal_pool_size`.
+            ValueError: if the input is not 5-D float frames of the vision tower's size (`vision_config.image_size`)
+            or `num_frames` is not a multiple of `temporal_pool_size`.
         """
         batch, expected = self._video_token_count(pixel_values_videos)
         outputs = self._visual_outputs(pixel_values_videos, True, output_hidden_states, output_attentions)
@@ -407,15 +408,16 @@ class StormModel(StormPreTrainedModel):
                 f"pixel_values_videos must have shape (batch_size, num_frames, 3, height, width), got "
                 f"{tuple(pixel_values_videos.shape)}. Use StormVideoProcessor to build it."
             )
+        self._check_pixels(pixel_values_videos, "pixel_values_videos")
         batch, frames = pixel_values_videos.shape[:2]
         return batch, self.config.num_video_tokens(frames, training=self.training)  # validates frames vs k
 
-    @staticmethod
-    def _check_image_pixels(pixel_values: torch.Tensor) -> None:
+    def _check_image_pixels(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.dim() != 4:
             raise ValueError(
                 f"pixel_values must have shape (num_images, 3, height, width), got {tuple(pixel_values.shape)}."
             )
+        self._check_pixels(pixel_values, "pixel_values")
 
     def _check_placeholders_have_pixels(self, input_ids, pixel_values, pixel_values_videos) -> None:
         """Placeholders without their pixels would reach the LLM as the placeholder token's embedding, silently (e.g.
@@ -435,6 +437,24 @@ class StormModel(StormPreTrainedModel):
                     "(StormProcessor returns both); when training with TRL's SFTTrainer, use "
                     "training.data.StormDataCollator (or `storm train`), since a default collator drops the pixels."
                 )
+
+    def _check_pixels(self, pixels: torch.Tensor, name: str) -> None:
+        """Frames `(..., 3, H, W)` as the processor returns them: floating point, `num_channels` channels, H = W =
+        `vision_config.image_size` (the vision tower's position embeddings fit that size only).
+
+        Raises:
+            ValueError: another dtype, channel count or size, naming what was expected.
+        """
+        vision = self.config.vision_config
+        channels, side = getattr(vision, "num_channels", 3), vision.image_size
+        if pixels.is_floating_point() and tuple(pixels.shape[-3:]) == (channels, side, side):
+            return
+        raise ValueError(
+            f"{name} must be normalised float frames of shape (..., {channels}, {side}, {side}) (channels first; "
+            f"{side} = vision_config.image_size, the size the vision tower takes); got {pixels.dtype} of shape "
+            f"{tuple(pixels.shape)}. Build them with the checkpoint's StormProcessor / StormVideoProcessor (size "
+            f"{{'height': {side}, 'width': {side}}}), which resizes, rescales and normalises the frames."
+        )
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, token_id: int
@@ -508,7 +528,7 @@ class StormModel(StormPreTrainedModel):
 
         Raises:
             ValueError: placeholder tokens and visual features disagree in number, or placeholders come without their
-            pixels; the prompt exceeds the LLM context.
+            pixels; pixels of another dtype or size than the vision tower takes; the prompt exceeds the LLM context.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
