@@ -35,7 +35,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's processing_storm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's storm_transformers
 
 FPS, SECONDS, SIZE, HOUR_COPIES = 25, 600, (1280, 720), 6
 
@@ -81,7 +81,7 @@ def build_hour(ten_minutes: Path, output: Path) -> Path:
 
 def measure(video: Path, num_frames: int, repeats: int, keyframes_only: bool) -> dict:
     """Decode `num_frames` frames at 448×448 (as the processor asks) and time it; also the full processor call."""
-    from processing_storm import StormVideoProcessor, read_video_pyav, sample_frame_indices
+    from storm_transformers import StormVideoProcessor, read_video_pyav, sample_frame_indices
 
     sample = functools.partial(sample_frame_indices, num_frames=num_frames, keyframes_only=keyframes_only)
     times = []
@@ -114,8 +114,8 @@ def _peak_rss_mb() -> float:
 
 def _fps_child(video: str, fps: float, processor: bool) -> dict:
     """In a fresh process: decode (or process) `video` at `fps`; time and peak memory."""
-    from processing_storm import StormVideoProcessor, read_video_pyav, sample_frame_indices
-    from processing_storm import video_processing_storm as decoding
+    from storm_transformers import StormVideoProcessor, read_video_pyav, sample_frame_indices
+    from storm_transformers import video_processing_storm as decoding
 
     after_imports = _peak_rss_mb()
     start = time.perf_counter()

@@ -165,8 +165,8 @@ def scan_path(path: str):
     """Run the temporal encoder on `path`: "mamba_ssm" (its scan, causal_conv1d's convolution when installed),
     "triton" (our Triton scan, causal_conv1d's convolution when installed), "triton, torch conv" (what a GPU without
     either package runs) or "torch" (`use_mamba_kernels` off). Yields the value `use_mamba_kernels` must take."""
-    import modeling_storm.temporal_encoder as temporal_encoder
-    from modeling_storm.kernels import MambaKernels, mamba_kernels
+    import storm_transformers.temporal_encoder as temporal_encoder
+    from storm_transformers.kernels import MambaKernels, mamba_kernels
 
     original = temporal_encoder.mamba_kernels
     if path.startswith("triton"):
@@ -179,7 +179,7 @@ def scan_path(path: str):
 
 
 def available_scan_paths() -> list[str]:
-    from modeling_storm.kernels import mamba_kernels, triton_selective_scan
+    from storm_transformers.kernels import mamba_kernels, triton_selective_scan
 
     if DEVICE != "cuda":
         return ["torch"]
@@ -192,8 +192,8 @@ def available_scan_paths() -> list[str]:
 @contextlib.contextmanager
 def vision_compilation(options: dict | None):
     """Run STORM's vision tower eagerly (None) or with its encoder layer compiled with `options` (fresh compile)."""
-    import modeling_storm.modeling_storm as modeling
-    from modeling_storm import kernels
+    import storm_transformers.modeling_storm as modeling
+    from storm_transformers import kernels
 
     saved = kernels.COMPILE_VISION_TOWER, dict(kernels.VISION_COMPILE_OPTIONS), modeling.vision_layer_runner
     kernels.COMPILE_VISION_TOWER = options is not None
@@ -220,7 +220,7 @@ def vision_compilation(options: dict | None):
 def storm_config(max_positions: int = 131072):
     """The paper's STORM-7B (StormConfig defaults), or a tiny one with --smoke; the LLM's context raised to
     `max_positions` (random weights), so that the uncompressed rows (65,536 visual tokens at 256 frames) fit."""
-    from modeling_storm import StormConfig
+    from storm_transformers import StormConfig
 
     if SMOKE:
         config = StormConfig(
@@ -239,7 +239,7 @@ def storm_config(max_positions: int = 131072):
 
 
 def storm_7b(max_positions: int = 131072):
-    from modeling_storm import StormForConditionalGeneration
+    from storm_transformers import StormForConditionalGeneration
 
     with torch.device(DEVICE):
         model = StormForConditionalGeneration._from_config(storm_config(max_positions), dtype=torch.bfloat16)
@@ -294,7 +294,7 @@ def storm_prompt(model, frames: int, compression: str):
 def storm_stopwatch(model) -> Stopwatch:
     """Stages of a STORM forward: the vision tower (`vision_hidden_state`, every chunk of frames), downsample +
     Linear (`multi_modal_projector`), the whole visual pipeline (`StormModel._encode`) and the LLM."""
-    import modeling_storm.modeling_storm as modeling
+    import storm_transformers.modeling_storm as modeling
 
     watch = Stopwatch()
     watch.wrap(modeling, "vision_hidden_state", "vision")
@@ -382,9 +382,9 @@ def scan_inputs(dim, length, groups=1, dtype=torch.bfloat16, seed=0, requires_gr
 
 
 def bench_scan(repeats) -> list[dict]:
-    from modeling_storm import selective_scan_triton
-    from modeling_storm.kernels import mamba_kernels
-    from modeling_storm.selective_scan import selective_scan
+    from storm_transformers import selective_scan_triton
+    from storm_transformers.kernels import mamba_kernels
+    from storm_transformers.selective_scan import selective_scan
 
     mamba = mamba_kernels().selective_scan_fn if DEVICE == "cuda" else None
     triton_scan = selective_scan_triton.selective_scan_triton
@@ -489,7 +489,7 @@ def _config_name(config: dict) -> str:
 
 
 def _sweep_row(rows, measure, scan, inputs, label, backward):
-    from modeling_storm import selective_scan_triton
+    from storm_transformers import selective_scan_triton
 
     name = f"triton sweep {_config_name(selective_scan_triton.CONFIG)}"
     try:
@@ -500,7 +500,7 @@ def _sweep_row(rows, measure, scan, inputs, label, backward):
 
 
 def bench_encoder(repeats) -> list[dict]:
-    from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig
+    from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig
 
     rows = []
     sizes = [(256, 4096, torch.float32), (256, 4096, torch.bfloat16), (3584, 32768, torch.bfloat16)]
@@ -619,8 +619,8 @@ def bench_encoder_profile(repeats) -> list[dict]:
 
 
 def bench_vision(repeats) -> list[dict]:
-    from modeling_storm import StormConfig
-    from modeling_storm.modeling_storm import vision_hidden_state
+    from storm_transformers import StormConfig
+    from storm_transformers.modeling_storm import vision_hidden_state
 
     config = storm_config()
     vision_config = config.vision_config
@@ -686,7 +686,7 @@ def bench_peers(rounds, repeats) -> list[dict]:
     storm_inputs = {name: storm_prompt(storm, frames, name) for name in ("4× (k=4)", "1×")}
     llava_inputs = video_prompt(llava, llava_visual_tokens(llava, frames), frames)
     llava_layers = llava.model.vision_tower.encoder.layers
-    from modeling_storm import kernels
+    from storm_transformers import kernels
 
     compile_options = dict(kernels.VISION_COMPILE_OPTIONS) | ({"backend": "eager"} if SMOKE else {})
     compiled_calls = []
@@ -761,7 +761,7 @@ def bench_decode(repeats) -> list[dict]:
 
 
 def bench_fp8(repeats) -> list[dict]:
-    from modeling_storm.kernels import quantize_linears_fp8
+    from storm_transformers.kernels import quantize_linears_fp8
 
     model = storm_7b()
     frames = 128 if not SMOKE else 8
@@ -828,8 +828,8 @@ def bench_profile() -> list[dict]:
 
 
 def bench_cpu(repeats) -> list[dict]:
-    from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig
-    from modeling_storm.selective_scan import selective_scan
+    from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig
+    from storm_transformers.selective_scan import selective_scan
 
     rows = []
     torch.manual_seed(0)
@@ -912,7 +912,7 @@ def environment() -> dict:
     import transformers
     import triton
 
-    from modeling_storm.kernels import mamba_kernels
+    from storm_transformers.kernels import mamba_kernels
 
     info = {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "smoke": SMOKE}

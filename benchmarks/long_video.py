@@ -38,9 +38,9 @@ from pathlib import Path
 
 import torch
 
-import modeling_storm.modeling_storm as modeling
-from modeling_storm import StormConfig, StormForConditionalGeneration
-from modeling_storm.modeling_storm import spatial_pool, temporal_pool, temporal_sample
+import storm_transformers.modeling_storm as modeling
+from storm_transformers import StormConfig, StormForConditionalGeneration
+from storm_transformers.modeling_storm import spatial_pool, temporal_pool, temporal_sample
 
 TEXT_BEFORE, TEXT_AFTER = 20, 12
 COMPRESSIONS = {"k=4": (4, 1, 1), "k=4, s=2, p=2": (4, 2, 2)}  # (k, s, p)
@@ -218,7 +218,7 @@ def run(args) -> list[dict]:
 def environment() -> dict:
     import transformers
 
-    from modeling_storm.kernels import mamba_kernels
+    from storm_transformers.kernels import mamba_kernels
 
     info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():

@@ -1,5 +1,5 @@
-"""Data-parallel check: a tiny STORM trained on 2 GPUs (FSDP2, training/accelerate/fsdp.yaml) has the same per-step
-losses as on 1 GPU with the same global batch.
+"""Data-parallel check: a tiny STORM trained on 2 GPUs (FSDP2, storm_transformers/training/accelerate/fsdp.yaml) has
+the same per-step losses as on 1 GPU with the same global batch.
 
 The model is a tiny random STORM (64 px frames, 16 tokens per frame, 2 Mamba layers, k = 4, a 512-token vocabulary)
 and the data are fixed synthetic videos and token ids, so this needs only torch, transformers (>= 5.17), accelerate
@@ -14,9 +14,9 @@ samples are split between GPUs and micro-batches. Run from the repository root (
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=. python benchmarks/multi_gpu_losses.py \
     --per_device_train_batch_size 4 --gradient_accumulation_steps 2 --output_dir /tmp/storm_losses_1gpu
 # 2 GPUs, FSDP2: 4 samples per GPU; compares with the 1-GPU losses and exits with 1 if they differ
-PYTHONPATH=. accelerate launch --config_file training/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no \
-    benchmarks/multi_gpu_losses.py --per_device_train_batch_size 4 --output_dir /tmp/storm_losses_2gpu \
-    --reference /tmp/storm_losses_1gpu/losses.json
+PYTHONPATH=. accelerate launch --config_file storm_transformers/training/accelerate/fsdp.yaml --num_processes 2 \
+    --mixed_precision no benchmarks/multi_gpu_losses.py --per_device_train_batch_size 4 \
+    --output_dir /tmp/storm_losses_2gpu --reference /tmp/storm_losses_1gpu/losses.json
 ```
 
 Add `--trainable_modules multi_modal_projector temporal_encoder` to both runs to check the alignment stage (frozen
@@ -68,7 +68,7 @@ class SyntheticVideoChats(torch.utils.data.Dataset):
 
 def check_config():
     """The tiny STORM: SigLIP 64 px / patch 8 (16 tokens per frame), 2 bidirectional Mamba layers, Qwen2 of width 64."""
-    from modeling_storm import StormConfig
+    from storm_transformers import StormConfig
 
     vision = {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
     vision.update(num_attention_heads=2, patch_size=8, image_size=64, vision_use_head=False)
@@ -87,8 +87,8 @@ def check_config():
 def main(check: CheckArguments, training_args) -> list[float]:
     from transformers import Trainer, set_seed
 
-    from modeling_storm import StormForConditionalGeneration
-    from training.modules import set_trainable_modules
+    from storm_transformers import StormForConditionalGeneration
+    from storm_transformers.training.modules import set_trainable_modules
 
     config = check_config()
     set_seed(training_args.seed)

@@ -2,12 +2,12 @@
 
 Sections (`--sections`, default: `cpu` without a GPU, `gpu` with one):
 
-- `cpu`: the miniature uni-directional STORM (`training.miniature` sizes: SigLIP 64 px, 16 tokens per frame, 2 causal
-  Mamba layers of width 48, Qwen2 2 layers; random weights, float32) streaming random 64×64 frames, k = 4 frames per
-  append, on the CPU: CPU time (one thread, `time.process_time`) per appended chunk around frame 16 and around frame
-  2048 (median of the 32 chunks from there), and the part of it spent in the LLM's forward over the new tokens. The
-  visual pipeline's work per chunk is constant (each layer continues from its carried state); the LLM's attention
-  over its growing KV cache is not, as in any LLM.
+- `cpu`: the miniature uni-directional STORM (`storm_transformers.training.miniature` sizes: SigLIP 64 px, 16 tokens
+  per frame, 2 causal Mamba layers of width 48, Qwen2 2 layers; random weights, float32) streaming random 64×64
+  frames, k = 4 frames per append, on the CPU: CPU time (one thread, `time.process_time`) per appended chunk around
+  frame 16 and around frame 2048 (median of the 32 chunks from there), and the part of it spent in the LLM's forward
+  over the new tokens. The visual pipeline's work per chunk is constant (each layer continues from its carried
+  state); the LLM's attention over its growing KV cache is not, as in any LLM.
 - `gpu`: STORM-7B sizes with a uni-directional temporal encoder (`StormConfig(temporal_encoder_config={"bidirectional":
   False})`), random weights, bf16, SDPA, 448×448 uint8 frames at 1 fps, k = 4 frames per append, spatial pooling p = 2
   and temporal sampling s = 2 (3600 frames → 28,800 visual tokens, inside Qwen2-7B's 32k context; with p = 2 alone it
@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modeling_storm import StormConfig, StormForConditionalGeneration
-from modeling_storm.streaming import StormStreamingSession
+from storm_transformers import StormConfig, StormForConditionalGeneration
+from storm_transformers.streaming import StormStreamingSession
 
 QUESTION = "What has happened so far in the video?"
 
@@ -48,8 +48,8 @@ def tokenizer_and_ids(folder: str):
     """The Qwen2 tokenizer (from the GGUF of `storm fetch-assets`, or a saved tokenizer) with the placeholders added."""
     from transformers import AutoTokenizer
 
-    from conversion.assets import QWEN2_GGUF
-    from conversion.checkpoint import add_placeholder_tokens
+    from storm_transformers.conversion.assets import QWEN2_GGUF
+    from storm_transformers.conversion.checkpoint import add_placeholder_tokens
 
     path = Path(folder)
     if (path / QWEN2_GGUF).exists():
@@ -63,8 +63,8 @@ def tokenizer_and_ids(folder: str):
 
 def build(kind: str, tokenizer, ids, device: str, max_positions: int, attention: str = "sdpa"):
     """A streaming session's model and processor: `"tiny"` (the miniature uni-k4) or `"7b"`, random weights."""
-    from conversion.checkpoint import build_processor, chat_generation_config
-    from training.miniature import miniature_config
+    from storm_transformers.conversion.checkpoint import build_processor, chat_generation_config
+    from storm_transformers.training.miniature import miniature_config
 
     image_id, video_id = ids
     if kind == "tiny":

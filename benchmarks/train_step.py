@@ -10,7 +10,7 @@ Modes (each in a fresh model; an out-of-memory error is reported as a result, wi
 
 | mode | weights | trained | optimizer states |
 |---|---|---|---|
-| `lora` | bf16, frozen | LoRA r=16 on the LLM's q/k/v/o/gate/up/down (PEFT keeps them fp32) + projector and temporal encoder in full (bf16), as `training/configs/sft_lora.yaml` | AdamW, dtype of each parameter |
+| `lora` | bf16, frozen | LoRA r=16 on the LLM's q/k/v/o/gate/up/down (PEFT keeps them fp32) + projector and temporal encoder in full (bf16), as the `sft_lora.yaml` training config | AdamW, dtype of each parameter |
 | `full-bf16` | bf16 | everything | AdamW in bf16: fits one GPU, but bf16 updates lose precision (a memory-saving choice, not the recipe's) |
 | `full-fp32` | fp32 master weights, bf16 autocast | everything | AdamW fp32: the recipe's full SFT (`dtype: float32`), meant for FSDP over several GPUs; 16 bytes per parameter ≈ 133 GB does not fit one 80 GB GPU |
 
@@ -46,7 +46,7 @@ MODES = ("lora", "full-bf16", "full-fp32")
 
 def build(mode: str, config):
     """The model of `mode` on the GPU with its trainable parameters set, and the AdamW over them."""
-    from modeling_storm import StormForConditionalGeneration
+    from storm_transformers import StormForConditionalGeneration
 
     dtype = torch.float32 if mode == "full-fp32" else torch.bfloat16
     with torch.device("cuda"):
@@ -55,7 +55,7 @@ def build(mode: str, config):
     if mode == "lora":
         from peft import get_peft_model
 
-        from training.modules import storm_lora_config
+        from storm_transformers.training.modules import storm_lora_config
 
         model = get_peft_model(model, storm_lora_config())
         model.enable_input_require_grads()  # as TRL does for PEFT + gradient checkpointing
@@ -126,7 +126,7 @@ def measure(mode: str, config, inputs, steps: int, warmup: int) -> dict:
 def main() -> None:
     import transformers
 
-    from modeling_storm import StormConfig
+    from storm_transformers import StormConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))

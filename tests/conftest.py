@@ -41,7 +41,7 @@ def qwen2_tokenizer_dir(tmp_path_factory):
     """The real Qwen2 tokenizer (from llama.cpp's vocab GGUF) saved as tokenizer.json, converted once per session."""
     from transformers import AutoTokenizer
 
-    from conversion.assets import QWEN2_GGUF
+    from storm_transformers.conversion.assets import QWEN2_GGUF
 
     out = tmp_path_factory.mktemp("qwen2_tokenizer")
     AutoTokenizer.from_pretrained(_asset("tokenizer"), gguf_file=QWEN2_GGUF).save_pretrained(out)
@@ -51,6 +51,6 @@ def qwen2_tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, qwen2_tokenizer_dir):
     """The embedded default (tiny, random weights, real Qwen2 tokenizer), built once per session."""
-    from conversion.tiny import build_tiny_random
+    from storm_transformers.conversion.tiny import build_tiny_random
 
     return build_tiny_random(tmp_path_factory.mktemp("ckpt") / "storm-tiny-random", qwen2_tokenizer_dir)

@@ -178,7 +178,7 @@ def edit_config(folder: Path, **fields) -> Path:
 
 
 def load(path, **options) -> object:
-    from modeling_storm.loading import load_storm
+    from storm_transformers.loading import load_storm
 
     return load_storm(path, **options)
 
@@ -198,7 +198,7 @@ def jsonl(folder: Path, *lines, raw: bytes | None = None) -> Path:
 
 
 def conversations(path: Path):
-    from training.data import load_conversations
+    from storm_transformers.training.data import load_conversations
 
     return load_conversations(path)
 
@@ -215,7 +215,7 @@ GOOD_ROW = {"messages": [user_video(path="clip.mp4"), ANSWER]}
 
 
 def _config(**fields):
-    from modeling_storm import StormConfig
+    from storm_transformers import StormConfig
 
     return StormConfig(**fields)
 
@@ -521,25 +521,25 @@ CASES += [
 
 
 def _training_data(**fields):
-    from training.sft import load_training_data
+    from storm_transformers.training.sft import load_training_data
 
     return load_training_data(_data_args(**fields))
 
 
 def _training_model(model_name_or_path, num_frames=8):
-    from training.sft import load_model_and_processor
+    from storm_transformers.training.sft import load_model_and_processor
 
     return load_model_and_processor(_model_args(model_name_or_path=str(model_name_or_path)), num_frames)
 
 
 def _data_args(**fields):
-    from training.args import StormDataArguments
+    from storm_transformers.training.args import StormDataArguments
 
     return StormDataArguments(**({"dataset_name": "train.jsonl"} | fields))
 
 
 def _model_args(**fields):
-    from training.args import StormModelArguments
+    from storm_transformers.training.args import StormModelArguments
 
     return StormModelArguments(**({"model_name_or_path": str(SHIPPED)} | fields))
 
@@ -572,7 +572,7 @@ CASES += [
 
 
 def _compose(folder, vision=None, llm=None, output=None, **options):
-    from conversion.compose import compose
+    from storm_transformers.conversion.compose import compose
 
     (folder / "siglip").mkdir(exist_ok=True)
     (folder / "llm").mkdir(exist_ok=True)
@@ -580,13 +580,13 @@ def _compose(folder, vision=None, llm=None, output=None, **options):
 
 
 def _gguf(folder, source):
-    from conversion.gguf import convert_gguf
+    from storm_transformers.conversion.gguf import convert_gguf
 
     return convert_gguf(source, folder / "out")
 
 
 def _stale_staging_removed(folder):
-    from conversion.checkpoint import _staging_prefix, staging_folder
+    from storm_transformers.conversion.checkpoint import _staging_prefix, staging_folder
 
     output = folder / "out"
     stale = folder / (_staging_prefix(output).replace(f"-{os.getpid()}-", f"-{dead_pid()}-") + "x1")
@@ -638,7 +638,7 @@ def _videos():
 
 
 def _decoding():
-    from processing_storm import video_processing_storm
+    from storm_transformers import video_processing_storm
 
     return video_processing_storm
 
@@ -682,7 +682,7 @@ class captured_warnings:
 
 def _processor_frames(video, **kwargs):
     """`StormVideoProcessor` (32×32 frames) on `video`: (pixel_values_videos, video_metadata)."""
-    from processing_storm import StormVideoProcessor
+    from storm_transformers import StormVideoProcessor
 
     out = StormVideoProcessor(size={"height": 32, "width": 32})(
         video, return_metadata=True, return_tensors="pt", **kwargs
@@ -692,7 +692,7 @@ def _processor_frames(video, **kwargs):
 
 def _sampled_indices(video, **kwargs) -> list[int]:
     """The frame indices the processor sampled from `video` (a numbered video file), checked against the frames."""
-    from processing_storm import StormVideoProcessor
+    from storm_transformers import StormVideoProcessor
 
     out = StormVideoProcessor(size={"height": 64, "width": 96})(
         video, return_metadata=True, return_tensors="pt", do_normalize=False, **kwargs
@@ -1120,7 +1120,7 @@ CASES += [
 
 @functools.cache
 def _shipped_processor():
-    from processing_storm import StormProcessor
+    from storm_transformers import StormProcessor
 
     return StormProcessor.from_pretrained(SHIPPED)
 
@@ -1153,7 +1153,7 @@ def _video_tokens(inputs) -> list[int]:
 def _tiny_model():
     from storm_testing import tiny_config
 
-    from modeling_storm import StormForConditionalGeneration
+    from storm_transformers import StormForConditionalGeneration
 
     return StormForConditionalGeneration(tiny_config()).eval()
 
@@ -1253,7 +1253,7 @@ CASES += [
 
 
 def _collate(folder, video, strict):
-    from training.data import StormDataCollator
+    from storm_transformers.training.data import StormDataCollator
 
     collator = StormDataCollator(_processor(), num_frames=4, data_root=folder, strict=strict)
     with captured_warnings() as log:
@@ -1291,7 +1291,7 @@ def _sigterm_removes_staging(folder):
     process; `staging_folder` turns it into KeyboardInterrupt while it writes)."""
     import signal
 
-    from conversion.checkpoint import staging_folder
+    from storm_transformers.conversion.checkpoint import staging_folder
 
     output = folder / "out"
     try:

@@ -2,7 +2,7 @@
 
 import torch
 
-from modeling_storm import StormConfig
+from storm_transformers import StormConfig
 
 IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VOCAB_SIZE = 120, 121, 128
 

@@ -6,8 +6,8 @@ import pytest
 from huggingface_hub import ModelCard
 from transformers import AutoModelForImageTextToText
 
-from modeling_storm import StormForConditionalGeneration, cli, loading
-from modeling_storm.loading import check_checkpoint
+from storm_transformers import StormForConditionalGeneration, cli, loading
+from storm_transformers.loading import check_checkpoint
 from storm_cli import DEFAULT_MODEL, DTYPES, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_storm_generate_reports_bad_input(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_help_lists_the_commands():
-    result = subprocess.run([sys.executable, "-m", "modeling_storm.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "storm_transformers.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "generate" in result.stdout and "fetch-assets" in result.stdout
 
 
@@ -71,7 +71,7 @@ def test_help_and_flag_errors_do_not_import_torch(argv, code, output):
     assert result.returncode == code and output in result.stdout + result.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "argparse" in imported  # the import log is there
-    assert not {"torch", "transformers", "numpy", "modeling_storm"} & imported
+    assert not {"torch", "transformers", "numpy", "storm_transformers"} & imported
 
 
 def test_the_default_checkpoint_is_the_shipped_miniature():

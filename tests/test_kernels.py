@@ -11,16 +11,16 @@ import sys
 import pytest
 import torch
 
-import modeling_storm.temporal_encoder as temporal_encoder
-from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig, kernels
-from modeling_storm.kernels import MambaKernels, mamba_kernels, selective_scan_with_state, triton_selective_scan
-from modeling_storm.selective_scan import selective_scan
+import storm_transformers.temporal_encoder as temporal_encoder
+from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig, kernels
+from storm_transformers.kernels import MambaKernels, mamba_kernels, selective_scan_with_state, triton_selective_scan
+from storm_transformers.selective_scan import selective_scan
 
 
 def test_kernels_are_not_imported_with_the_package():
     code = (
-        "import sys, modeling_storm, processing_storm; "
-        "print(sorted({'mamba_ssm', 'causal_conv1d', 'modeling_storm.selective_scan_triton'} & set(sys.modules)))"
+        "import sys, storm_transformers; "
+        "print(sorted({'mamba_ssm', 'causal_conv1d', 'storm_transformers.selective_scan_triton'} & set(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -101,7 +101,7 @@ def test_chunked_encoder_on_the_kernel_wrapper_equals_the_whole_torch_scan(monke
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 requires_mamba = pytest.mark.skipif(
     not torch.cuda.is_available() or mamba_kernels().selective_scan_fn is None,
-    reason="needs a CUDA GPU with mamba_ssm installed (pip install storm-transformers[cuda])",
+    reason="needs a CUDA GPU with mamba_ssm installed (pip install -e '.[cuda]')",
 )
 
 
@@ -243,7 +243,7 @@ def test_chunked_kernel_path_equals_whole_sequence_kernel_and_torch_paths(monkey
 @pytest.fixture
 def eager_backend_compilation(monkeypatch):
     """Compile the vision layer with dynamo's "eager" backend (tracing and guards as on a GPU, no code generation)."""
-    from modeling_storm import kernels
+    from storm_transformers import kernels
 
     monkeypatch.setattr(kernels, "VISION_COMPILE_OPTIONS", {"backend": "eager"})
     kernels._compiled_vision_layer.cache_clear()
@@ -265,7 +265,7 @@ def _tiny_siglip():
 def test_compiled_vision_layers_share_one_graph_and_equal_eager(eager_backend_compilation):
     from torch._dynamo.utils import counters
 
-    from modeling_storm.modeling_storm import vision_hidden_state
+    from storm_transformers.modeling_storm import vision_hidden_state
 
     kernels = eager_backend_compilation
     tower = _tiny_siglip()
@@ -304,7 +304,7 @@ def test_failed_vision_compilation_falls_back_to_eager(eager_backend_compilation
     not kernels.has_fp8_matmul(torch.device("cpu")), reason="this torch has no torch._scaled_mm on the CPU (2.6)"
 )
 def test_fp8_linears_are_close_to_the_bf16_ones():
-    from modeling_storm.kernels import Fp8Linear, quantize_linears_fp8
+    from storm_transformers.kernels import Fp8Linear, quantize_linears_fp8
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 16, bias=False))
@@ -337,7 +337,7 @@ def test_fp8_refuses_a_device_without_an_fp8_matmul(monkeypatch):
 
 
 def test_fp8_refuses_sizes_that_are_not_multiples_of_16():
-    from modeling_storm.kernels import quantize_linears_fp8
+    from storm_transformers.kernels import quantize_linears_fp8
 
     with pytest.raises(ValueError, match="multiples of 16"):
         quantize_linears_fp8(torch.nn.Sequential(torch.nn.Linear(24, 16)))

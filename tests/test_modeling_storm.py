@@ -3,8 +3,8 @@ import torch
 from storm_testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, enable_checkpointing, tiny_config, video_inputs
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-from modeling_storm import StormConfig, StormForConditionalGeneration, StormModel
-from modeling_storm.modeling_storm import (
+from storm_transformers import StormConfig, StormForConditionalGeneration, StormModel
+from storm_transformers.modeling_storm import (
     space_to_channel,
     spatial_pool,
     temporal_pool,

@@ -7,9 +7,8 @@ from storm_testing import tiny_config
 from transformers import AutoProcessor, AutoTokenizer, AutoVideoProcessor
 from video_files import numbered_frames
 
-from conversion.checkpoint import add_placeholder_tokens, build_processor
-from modeling_storm import StormConfig, StormForConditionalGeneration
-from processing_storm import StormProcessor, StormVideoProcessor
+from storm_transformers import StormConfig, StormForConditionalGeneration, StormProcessor, StormVideoProcessor
+from storm_transformers.conversion.checkpoint import add_placeholder_tokens, build_processor
 
 
 @pytest.fixture(scope="module")

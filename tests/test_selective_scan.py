@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modeling_storm.selective_scan import selective_scan, selective_scan_ref
+from storm_transformers.selective_scan import selective_scan, selective_scan_ref
 
 
 def scan_inputs(batch=2, dim=6, state=4, seqlen=300, seed=0, requires_grad=False):

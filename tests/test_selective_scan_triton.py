@@ -34,8 +34,8 @@ def _errors(batch=1, dim=4, state=3, seqlen=13, groups=0, D=True, z=True, bias=T
     torch path: output, input and parameter gradients)."""
     import torch
 
-    from modeling_storm import selective_scan_triton as triton_scan
-    from modeling_storm.selective_scan import selective_scan_ref
+    from storm_transformers import selective_scan_triton as triton_scan
+    from storm_transformers.selective_scan import selective_scan_ref
 
     triton_scan.CONFIG.update(BLOCK_T=8, BLOCK_E=4, BACKWARD_BLOCK_E=4)
     generator = torch.Generator().manual_seed(0)
@@ -83,8 +83,8 @@ def _encoder_errors(scan, error) -> dict:
     makes them) in chunks of 7 of 17 tokens, on the Triton scan against the torch path."""
     import torch
 
-    import modeling_storm.temporal_encoder as temporal_encoder
-    from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig
+    import storm_transformers.temporal_encoder as temporal_encoder
+    from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig
 
     torch.manual_seed(0)
     config = StormTemporalEncoderConfig(hidden_size=4, state_size=2, num_hidden_layers=1, chunk_size=7)
@@ -105,7 +105,7 @@ def _encoder_errors(scan, error) -> dict:
 
 @pytest.fixture(scope="module")
 def interpreter_errors() -> dict:
-    pytest.importorskip("modeling_storm.selective_scan_triton")  # skips where Triton is missing or older than 3.4
+    pytest.importorskip("storm_transformers.selective_scan_triton")  # skips where Triton is missing or older than 3.4
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -133,7 +133,7 @@ def test_triton_scan_names_the_argument_whose_shape_is_wrong(change, message):
     """Checked before any kernel runs (no GPU needed)."""
     import torch
 
-    triton_scan = pytest.importorskip("modeling_storm.selective_scan_triton")
+    triton_scan = pytest.importorskip("storm_transformers.selective_scan_triton")
     shapes = dict(u=(2, 8, 10), delta=(2, 8, 10), A=(8, 4), B=(2, 4, 10), C=(2, 4, 10), initial_state=None) | change
     inputs = {name: None if shape is None else torch.zeros(shape) for name, shape in shapes.items()}
     with pytest.raises(ValueError, match=message):

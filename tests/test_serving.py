@@ -23,10 +23,9 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from modeling_storm import StormForConditionalGeneration
-from modeling_storm.loading import load_storm
-from modeling_storm.serving import registered_for_serving
-from processing_storm import StormVideoProcessor
+from storm_transformers import StormForConditionalGeneration, StormVideoProcessor
+from storm_transformers.loading import load_storm
+from storm_transformers.serving import registered_for_serving
 from storm_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +122,7 @@ def test_pipeline_loads_a_folder_and_answers_videos_and_images(
 
 
 def test_transformers_server_loads_and_classifies_storm_only_inside_registered_for_serving(tiny_checkpoint):
-    """The two lookups of transformers' `ModelManager` that refuse STORM (see `modeling_storm.serving`), before,
+    """The two lookups of transformers' `ModelManager` that refuse STORM (see `storm_transformers.serving`), before,
     inside and after `registered_for_serving()`. Needs no serving packages."""
     import transformers
     from transformers.cli.serving.model_manager import ModelManager
@@ -150,7 +149,7 @@ def test_errors_of_the_server_are_500s_and_errors_of_the_request_400s_both_witho
     pytest.importorskip("fastapi", reason="storm serve needs the serve extra: pip install -e '.[serve]'")
     from types import SimpleNamespace
 
-    from modeling_storm.serving import _error_response
+    from storm_transformers.serving import _error_response
 
     request = SimpleNamespace(state=SimpleNamespace(request_id="req-1"))
     uri = "data:video/mp4;base64," + "QUJD" * 500
@@ -175,7 +174,7 @@ def test_storm_serve_says_what_to_install_without_the_serving_packages(tiny_chec
 
     monkeypatch.setattr(import_utils, "is_serve_available", lambda: False)
     assert main(["serve", "--model", str(tiny_checkpoint)]) == 1
-    assert "pip install 'storm-transformers[serve]'" in capsys.readouterr().err
+    assert "pip install -e '.[serve]'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "http"])

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from modeling_storm.cli import DEFAULT_MODEL, main
-from training.miniature import evaluate
-from training.synthetic import generate_dataset
+from storm_transformers.cli import DEFAULT_MODEL, main
+from storm_transformers.training.miniature import evaluate
+from storm_transformers.training.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "storm-tiny-synthetic"
@@ -53,3 +53,13 @@ def test_it_answers_held_out_clips_of_the_types_it_learned(held_out_clips):
         assert scores["by type"][kind] == 1.0, (kind, scores)
     rows = [json.loads(line) for line in (held_out_clips / "test.jsonl").read_text().splitlines()]
     assert sum(row["question_type"] in LEARNED for row in rows) >= 15  # the check covers a fair number of clips
+
+
+def test_the_shipped_checkpoints_code_is_the_packages():
+    """Its remote code (loaded with `trust_remote_code=True` where the package is not installed) is a copy of the
+    package's files; after editing one, refresh the copy:
+    `for f in checkpoints/storm-tiny-synthetic/*.py; do cp storm_transformers/$(basename $f) $f; done`."""
+    copies = sorted(CHECKPOINT.glob("*.py"))
+    assert {path.name for path in copies} >= {"configuration_storm.py", "modeling_storm.py", "processing_storm.py"}
+    stale = [path.name for path in copies if path.read_bytes() != (REPO / "storm_transformers" / path.name).read_bytes()]
+    assert not stale, f"stale copies in {CHECKPOINT}: {stale}"

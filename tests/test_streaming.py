@@ -11,13 +11,13 @@ from storm_testing import tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig
 
-from modeling_storm import StormForConditionalGeneration
-from modeling_storm.cli import main as storm
-from modeling_storm.streaming import StormStreamingSession, read_questions
-from training.args import StormDataArguments, StormModelArguments
-from training.miniature import build_initial
-from training.sft import main as sft
-from training.synthetic import generate_dataset
+from storm_transformers import StormForConditionalGeneration
+from storm_transformers.cli import main as storm
+from storm_transformers.streaming import StormStreamingSession, read_questions
+from storm_transformers.training.args import StormDataArguments, StormModelArguments
+from storm_transformers.training.miniature import build_initial
+from storm_transformers.training.sft import main as sft
+from storm_transformers.training.synthetic import generate_dataset
 
 QUESTION = "What happens in the video?"
 

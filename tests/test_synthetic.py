@@ -1,13 +1,14 @@
-"""The synthetic video QA generator (training/synthetic.py): answers follow from the frames, clips are real H.264."""
+"""The synthetic video QA generator (storm_transformers.training.synthetic): answers follow from the frames, clips are
+real H.264."""
 
 import json
 
 import numpy as np
 import pytest
 
-from processing_storm import read_video_pyav
-from training.data import check_conversation
-from training.synthetic import (
+from storm_transformers import read_video_pyav
+from storm_transformers.training.data import check_conversation
+from storm_transformers.training.synthetic import (
     COLORS,
     NUM_FRAMES,
     QUESTION_TYPES,

@@ -5,8 +5,8 @@ import torch
 from storm_testing import enable_checkpointing
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modeling_storm import StormTemporalEncoder, StormTemporalEncoderConfig
-from modeling_storm.temporal_encoder import StormMambaMixer, chunk_bounds
+from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig
+from storm_transformers.temporal_encoder import StormMambaMixer, chunk_bounds
 
 
 def encoder(**kwargs) -> StormTemporalEncoder:

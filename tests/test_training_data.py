@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from video_files import numbered_frames, write_video
 
-from training.data import (
+from storm_transformers.training.data import (
     IGNORE_INDEX,
     StormDataCollator,
     assistant_only_labels,

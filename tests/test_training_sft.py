@@ -13,12 +13,17 @@ from storm_testing import tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import SFTConfig, SFTTrainer
 
-from modeling_storm import StormForConditionalGeneration
-from modeling_storm.cli import main as storm
-from training.args import StormDataArguments, StormModelArguments, storm_sft_config
-from training.data import StormDataCollator, load_conversations
-from training.modules import ALIGNMENT_MODULES, LLM_LORA_TARGETS, check_lora_targets, storm_lora_config
-from training.sft import load_model_and_processor, main
+from storm_transformers import StormForConditionalGeneration
+from storm_transformers.cli import main as storm
+from storm_transformers.training.args import StormDataArguments, StormModelArguments, storm_sft_config
+from storm_transformers.training.data import StormDataCollator, load_conversations
+from storm_transformers.training.modules import (
+    ALIGNMENT_MODULES,
+    LLM_LORA_TARGETS,
+    check_lora_targets,
+    storm_lora_config,
+)
+from storm_transformers.training.sft import load_model_and_processor, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +166,7 @@ def test_storm_train_runs_a_yaml_recipe_and_reports_bad_input(tiny_checkpoint, d
     args = [
         "train",
         "--config",
-        "training/configs/sft_lora.yaml",
+        "storm_transformers/training/configs/sft_lora.yaml",
         "--model_name_or_path",
         str(tiny_checkpoint),
         "--dataset_name",

@@ -13,8 +13,8 @@ from storm_testing import VIDEO_TOKEN_ID, tiny_config, video_inputs
 from transformers import DynamicCache
 from transformers.utils import logging as hf_logging
 
-from modeling_storm import StormForConditionalGeneration
-from modeling_storm.modeling_storm import CACHE_NAME
+from storm_transformers import StormForConditionalGeneration
+from storm_transformers.modeling_storm import CACHE_NAME
 
 
 def build():

@@ -9,9 +9,14 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoProcessor
 
-import processing_storm.video_processing_storm as video_processing
-from modeling_storm import StormConfig
-from processing_storm import read_video_metadata, read_video_pyav, sample_frame_indices, video_token_budget
+import storm_transformers.video_processing_storm as video_processing
+from storm_transformers import (
+    StormConfig,
+    read_video_metadata,
+    read_video_pyav,
+    sample_frame_indices,
+    video_token_budget,
+)
 from storm_cli import DEFAULT_MODEL, main
 from storm_testing import tiny_config
 
@@ -33,7 +38,7 @@ def no_decoding(monkeypatch):
 @pytest.fixture(scope="module")
 def miniature():
     """The shipped miniature's config and processor (64 px, k=4, 16 tokens per pooled frame, a 1024-token context)."""
-    import processing_storm  # noqa: F401  (registers STORM)
+    import storm_transformers  # noqa: F401  (registers STORM)
 
     return AutoConfig.from_pretrained(DEFAULT_MODEL), AutoProcessor.from_pretrained(DEFAULT_MODEL)
 

@@ -20,8 +20,8 @@ from video_files import (
     write_video,
 )
 
-from processing_storm import StormVideoProcessor, read_video_pyav
-from processing_storm import video_processing_storm as decoding
+from storm_transformers import StormVideoProcessor, read_video_pyav
+from storm_transformers import video_processing_storm as decoding
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = 35
@@ -162,7 +162,7 @@ def test_decoding_with_pyavs_log_callback_on_does_not_hang(tmp_path):
     script = (
         "import av, sys\n"
         "av.logging.set_level(av.logging.ERROR)\n"
-        "from processing_storm import read_video_pyav\n"
+        "from storm_transformers import read_video_pyav\n"
         "for _ in range(5):\n"
         "    frames, _ = read_video_pyav(sys.argv[1], lambda metadata: [0, 3, 17])\n"
         "print(frames.shape)\n"

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from video_files import frame_index, numbered_frames, write_audio_only, write_video
 
-from processing_storm import StormVideoProcessor, read_video_pyav, sample_frame_indices
-from processing_storm.video_processing_storm import StormVideoMetadata, StormVideoProcessorKwargs
+from storm_transformers import StormVideoProcessor, read_video_pyav, sample_frame_indices
+from storm_transformers.video_processing_storm import StormVideoMetadata, StormVideoProcessorKwargs
 
 
 def decode_all(path) -> list[np.ndarray]:

@@ -1,0 +1,243 @@
+"""The optional fast paths of STORM, found on first use (never at import time).
+
+- mamba_ssm's `selective_scan_fn` and causal_conv1d's `causal_conv1d_fn` have the signatures of our torch spec
+  (`selective_scan.selective_scan`, `torch.nn.Conv1d` + SiLU). Importing either package raises on machines without
+  their compiled CUDA extensions (`ModuleNotFoundError: selective_scan_cuda`), so they are imported here lazily and
+  cached; `mamba_kernels.cache_clear()` forgets the result (tests). `mamba_scan` gives mamba_ssm's kernel the initial
+  state and differentiable last state of the spec (through `selective_scan_with_state`, plain torch around it).
+- `triton_selective_scan` is our Triton scan (`selective_scan_triton.py`, forward and backward, with the spec's
+  signature): the GPU path where mamba_ssm is not installed. Triton ships with CUDA builds of torch.
+
+Which one runs is decided in one place, `StormMambaMixer._scan`: mamba_ssm when it imports, else Triton, for CUDA
+tensors when `temporal_encoder_config.use_mamba_kernels` is on; the torch spec otherwise.
+
+Also here: the regional compilation of the vision tower's layers (`vision_layer_runner`, on by default for CUDA
+inference) and an opt-in FP8 conversion of linears for inference on Hopper GPUs (`quantize_linears_fp8`).
+"""
+
+import functools
+import warnings
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class MambaKernels(NamedTuple):
+    selective_scan_fn: Callable | None
+    causal_conv1d_fn: Callable | None
+
+
+@functools.cache
+def mamba_kernels() -> MambaKernels:
+    """`(selective_scan_fn, causal_conv1d_fn)` from mamba_ssm / causal_conv1d; each is None where it cannot be imported."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError):
+        selective_scan_fn = None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except (ImportError, OSError):
+        causal_conv1d_fn = None
+    return MambaKernels(selective_scan_fn, causal_conv1d_fn)
+
+
+@functools.cache
+def triton_selective_scan() -> Callable | None:
+    """`selective_scan_triton.selective_scan_triton`, or None where Triton cannot be imported (CPU-only torch)."""
+    try:
+        from .selective_scan_triton import selective_scan_triton
+    except ImportError:
+        return None
+    return selective_scan_triton
+
+
+def mamba_scan(scan_fn: Callable) -> Callable:
+    """mamba_ssm's `scan_fn` with the torch spec's signature: called as it is when no state is carried, through
+    `selective_scan_with_state` when an initial state is given or the last state is asked for."""
+
+    def scan(*args, initial_state=None, return_last_state=False, **kwargs):
+        if initial_state is None and not return_last_state:
+            return scan_fn(*args, **kwargs)
+        return selective_scan_with_state(
+            scan_fn, *args, **kwargs, initial_state=initial_state, return_last_state=return_last_state
+        )
+
+    return scan
+
+
+# Δ of the steps that load an initial state into mamba_ssm's scan (`selective_scan_with_state`). With Δ = 2^-48,
+# exp(Δ·A) rounds to exactly 1 in float32 for every |A| < 2^23, and Δ·(h0·2^48) = h0 exactly (scaling by powers of
+# two does not round).
+_ENTRY_DELTA = 2.0**-48
+
+
+def selective_scan_with_state(
+    scan_fn, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None, return_last_state=False
+):
+    """`scan_fn` (mamba_ssm's `selective_scan_fn`) with an initial state and a differentiable last state.
+
+    mamba_ssm's kernel always starts from h = 0, and the last state it can return has no gradient. This runs the same
+    kernel on the chunk with N extra time steps before it and N after it (N = state size), all in float32, so that
+    the kernel itself carries the state in and out, exactly, forwards and backwards:
+
+    - entry step j (j = 0..N-1): Δ = 2^-48, u = h0[:, :, j]·2^48, B = e_j (one-hot), C = 0. It adds Δ·u·e_j = h0[:, :, j]
+      to state j and leaves the others as they are (exp(Δ·A) = 1 in float32); after the N entry steps h = h0.
+    - the chunk's own steps, with Δ = softplus(delta + delta_bias) computed here (the kernel runs with
+      `delta_softplus=False`, so that the extra steps get exactly the Δ above).
+    - exit step j: Δ = 0, u = 0 (h unchanged: exp(0) = 1, no input), C = e_j, so its output is y = h[:, :, j] (+ D·0):
+      the last state, read through the kernel's output and therefore with the kernel's exact gradient.
+
+    The gate silu(z) is applied after the kernel (the exit steps must not be gated). Extra cost: 2N steps and float32
+    inputs for the chunk. On a CPU, `scan_fn=selective_scan` (the torch spec, started from h = 0) gives the same as
+    `selective_scan(..., initial_state=h0, return_last_state=True)`, which is how this is tested without a GPU.
+
+    Args: as `selective_scan.selective_scan` (mamba_ssm's `selective_scan_fn`, B and C in groups or not, plus
+        `initial_state` `(batch, dim, state)`, or None for h0 = 0).
+
+    Returns:
+        `torch.Tensor` `(batch, dim, seqlen)` in the dtype of `u`; with `return_last_state`, also the last state
+        `(batch, dim, state)` float32.
+    """
+    batch, dim, length = u.shape
+    num_states = A.shape[1]
+    dtype = u.dtype
+    delta = delta.float() if delta_bias is None else delta.float() + delta_bias.float()[:, None]
+    delta = F.softplus(delta) if delta_softplus else delta  # (b, d, l)
+    groups = (batch, B.shape[1]) if B.dim() == 4 else (batch,)  # B, C (b, [g,] n, l)
+    one_hot = torch.eye(num_states, device=delta.device).expand(*groups, num_states, num_states)  # (b, [g,] n, n)
+    nothing = delta.new_zeros(*groups, num_states, num_states)  # (b, [g,] n, n)
+    zeros = delta.new_zeros(batch, dim, num_states)  # (b, d, n)
+    entry = initial_state is not None
+    # (u, Δ, B, C) of the entry steps (an initial state, (b, d, n), read as n time steps) and of the exit steps
+    before = [(initial_state.float() / _ENTRY_DELTA, torch.full_like(zeros, _ENTRY_DELTA), one_hot, nothing)] if entry else []
+    after = [(zeros, zeros, nothing, one_hot)] if return_last_state else []
+    inputs = [
+        torch.cat([*(steps[i] for steps in before), chunk, *(steps[i] for steps in after)], dim=-1).contiguous()
+        for i, chunk in enumerate((u.float(), delta, B.float(), C.float()))
+    ]  # u, Δ (b, d, [n +] l [+ n]); B, C (b, [g,] n, [n +] l [+ n]); float32
+    del delta
+    out = scan_fn(*inputs[:2], A, *inputs[2:], D=D, delta_softplus=False)  # (b, d, [n +] l [+ n]) float32
+    del inputs
+    start = num_states if entry else 0
+    y = out[..., start : start + length]
+    if z is not None:
+        y = y * F.silu(z.float())
+    if not return_last_state:
+        return y.to(dtype)
+    return y.to(dtype), out[..., start + length :].contiguous()  # a copy: the chunk's output is not kept alive
+
+
+# ---------------------------------------------------------------- vision tower: regional compilation
+
+# `vision_layer_runner` compiles SigLIP's encoder layer for CUDA inference when this is True; False runs it eagerly.
+COMPILE_VISION_TOWER = True
+# Options of that `torch.compile` (its default mode: inductor, no autotuning; docs/benchmarks.md compares modes).
+VISION_COMPILE_OPTIONS: dict = {}
+
+
+def run_vision_layer(layer: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """One SigLIP encoder layer, `(frames, patches, width)` → same shape (SigLIP's vision layers take no mask)."""
+    return layer(hidden_states, None)
+
+
+@functools.cache
+def _compiled_vision_layer():
+    return torch.compile(run_vision_layer, **VISION_COMPILE_OPTIONS)
+
+
+def vision_layer_runner(hidden_states: torch.Tensor) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
+    """How to run the vision tower's encoder layers on `hidden_states`: `run_vision_layer`, compiled for CUDA tensors
+    at inference (no autograd recording, not already inside `torch.compile`) while `COMPILE_VISION_TOWER` is on.
+
+    Regional compilation (as accelerate's `compile_regions`): one function of (layer, hidden states) is compiled, and
+    since torch.compile lifts a module's parameters to graph inputs, all the layers share one compiled graph; a second
+    frame count (the last, shorter chunk of frames) compiles once more with dynamic shapes, then nothing else does.
+    The first call compiles (docs/benchmarks.md gives the time); if compiling fails, a warning says why and the
+    layers run eagerly from then on."""
+    usable = hidden_states.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    return _compiled_or_eager if COMPILE_VISION_TOWER and usable else run_vision_layer
+
+
+def _compiled_or_eager(layer, hidden_states):
+    global COMPILE_VISION_TOWER
+    try:
+        return _compiled_vision_layer()(layer, hidden_states)
+    except torch._dynamo.exc.TorchDynamoException as error:  # compilation failed: same result, eagerly
+        COMPILE_VISION_TOWER = False
+        warnings.warn(f"Compiling the vision tower's layers failed ({type(error).__name__}: {error}); running them "
+                      "eagerly (storm_transformers.kernels.COMPILE_VISION_TOWER = False).", stacklevel=2)
+        return run_vision_layer(layer, hidden_states)
+
+
+# ---------------------------------------------------------------- FP8 linears (opt-in, inference)
+
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+class Fp8Linear(torch.nn.Module):
+    """Inference stand-in for an `nn.Linear`: float8 (e4m3) weights with one scale per output channel, activations
+    quantized per row (token) on the fly, and the product by `torch._scaled_mm` (cuBLASLt's FP8 GEMM on Hopper and
+    Ada GPUs, compute capability ≥ 8.9), accumulated in float32, returned in the activations' dtype.
+
+    `(..., in_features)` → `(..., out_features)`. The weights are buffers: nothing trains, and a model holding these
+    is not meant to be saved (reload the bf16 checkpoint and convert again)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()  # (out, in)
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX  # (out, 1)
+        self.register_buffer("weight", (weight / scale).to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out) float32
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (M, in)
+        scale = rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX  # (M, 1)
+        quantized = (rows.float() / scale).to(torch.float8_e4m3fn)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=bias,
+                               out_dtype=x.dtype)  # (M, out)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+@functools.cache
+def has_fp8_matmul(device: torch.device) -> bool:
+    """Whether `torch._scaled_mm` runs on `device` (a 16×16 product): every CUDA build on compute capability ≥ 8.9;
+    on the CPU only in newer torch releases (2.6 has none)."""
+    one = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+    scale = torch.ones((), device=device)
+    try:
+        torch._scaled_mm(one, one.t(), scale_a=scale, scale_b=scale, out_dtype=torch.float32)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+def quantize_linears_fp8(module: torch.nn.Module) -> int:
+    """Replace every `nn.Linear` inside `module` by an `Fp8Linear` (in place), for inference; returns how many.
+
+    Typical use, the vision tower and the LLM of a bf16 STORM on a Hopper GPU (the temporal encoder, the projector and
+    the LM head stay bf16): `quantize_linears_fp8(model.model.vision_tower)`,
+    `quantize_linears_fp8(model.model.language_model)`. Speed and output difference: docs/benchmarks.md.
+
+    Raises:
+        ValueError: a CUDA module on a GPU without FP8 tensor cores (compute capability below 8.9), a device on which
+            this torch has no `torch._scaled_mm` (the CPU in torch 2.6), or a Linear whose sizes are not multiples of
+            16 (cuBLASLt's FP8 GEMM needs them).
+    """
+    linears = [(name, child) for name, child in module.named_modules() if isinstance(child, torch.nn.Linear)]
+    for name, linear in linears:
+        device = linear.weight.device
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(f"FP8 linears need a GPU of compute capability ≥ 8.9 (Hopper, Ada); {device} is "
+                             f"{torch.cuda.get_device_name(device)}. Keep this model in bf16.")
+        if linear.in_features % 16 or linear.out_features % 16:
+            raise ValueError(f"{name} is {linear.in_features} → {linear.out_features}: FP8 GEMMs need multiples of 16.")
+        if not has_fp8_matmul(device):
+            raise ValueError(f"torch {torch.__version__} has no FP8 matrix product (torch._scaled_mm) on {device.type}. "
+                             "FP8 linears are for Hopper/Ada GPUs; keep this model in bf16.")
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child_name, Fp8Linear(linear))
+    return len(linears)

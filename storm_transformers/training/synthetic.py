@@ -1,0 +1,206 @@
+"""Synthetic video QA: procedurally rendered clips whose questions need (or do not need) temporal order.
+
+STORM's claim (paper §3) is that its Mamba temporal encoder writes what happens over time into every token, so the
+tokens survive temporal pooling; averaging plain per-frame tokens loses the order of events. These clips test exactly
+that: every clip is `NUM_FRAMES` = 8 frames (so with temporal pooling k = 8 the whole clip is one pooling window),
+64×64 px, coloured shapes on a textured background, written as real H.264 MP4 with PyAV. One question per clip:
+
+| type | temporal | what happens | question → answer | what the average frame shows |
+|---|---|---|---|---|
+| `direction` | yes | a shape crosses the frame | "Which way does the red circle move: left, right, up or down?" → `left` | a streak: the axis, not the sign |
+| `order` | yes | two shapes each appear for the same 2–3 frames, one after the other | "Which appears first, the red circle or the blue square?" → `circle` | both, equally faint |
+| `count` | yes | a shape is visible on 4 of the 8 frames, in 1, 2 or 3 separate runs | "How many times does the green triangle appear?" → `2` | the same half-visible shape for every count |
+| `change` | yes | a shape changes colour half-way | "What colour does the square turn into?" → `yellow` | the same blend for X→Y and Y→X |
+| `color` | no | a still shape | "What colour is the triangle?" → `blue` | the answer |
+| `shape` | no | a still shape | "What shape is the green object?" → `square` | the answer |
+
+Rows are in the conversational format of `data.py` (`messages` with a `{"type": "video", "path": ...}` part,
+paths relative to the data folder), plus `question_type` and `temporal` columns. Everything is drawn from one seeded
+`numpy.random.Generator` per clip, so a seed gives the same data on every machine.
+"""
+
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import av
+import numpy as np
+
+NUM_FRAMES, SIZE, FPS = 8, 64, 8
+COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+QUESTION_TYPES = ("direction", "order", "count", "change", "color", "shape")
+TEMPORAL_TYPES = ("direction", "order", "count", "change")
+# Accuracy of guessing uniformly among a question's possible answers.
+CHANCE = {"direction": 1 / 4, "order": 1 / 2, "count": 1 / 3, "change": 1 / 3, "color": 1 / 4, "shape": 1 / 3}
+SPLITS = {"train": 0, "validation": 1, "test": 2}  # seed offsets, so that no clip repeats across splits
+RADIUS = 8
+
+
+def background(rng: np.random.Generator) -> np.ndarray:
+    """A muted textured background `(SIZE, SIZE, 3)` uint8: stripes, a checkerboard or smooth noise."""
+    base = rng.integers(40, 90, size=3)
+    alt = np.clip(base + rng.integers(-25, 26, size=3), 20, 110)
+    y, x = np.mgrid[:SIZE, :SIZE]
+    kind = rng.integers(3)
+    if kind == 0:
+        period = rng.integers(6, 16)
+        pattern = ((x + rng.integers(SIZE)) // period) % 2 if rng.random() < 0.5 else ((y + x) // period) % 2
+    elif kind == 1:
+        cell = rng.integers(5, 13)
+        pattern = ((x // cell) + (y // cell)) % 2
+    else:
+        coarse = rng.random((5, 5))
+        pattern = np.kron(coarse, np.ones((SIZE // 4, SIZE // 4)))[:SIZE, :SIZE]
+    return (base + (alt - base) * pattern[..., None]).astype(np.uint8)
+
+
+def shape_mask(shape: str, cx: float, cy: float, radius: int = RADIUS) -> np.ndarray:
+    """Boolean `(SIZE, SIZE)` mask of `shape` centred at (cx, cy) pixels."""
+    y, x = np.mgrid[:SIZE, :SIZE]
+    dx, dy = x - cx, y - cy
+    if shape == "circle":
+        return dx**2 + dy**2 <= radius**2
+    if shape == "square":
+        return (np.abs(dx) <= radius * 0.85) & (np.abs(dy) <= radius * 0.85)
+    return (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)  # triangle, apex up
+
+
+class Scene:
+    """Eight frames over one background; `draw` paints a shape on chosen frames."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.frames = np.repeat(background(rng)[None], NUM_FRAMES, axis=0)
+
+    def draw(self, shape: str, color: str, positions, frames=range(NUM_FRAMES)):
+        for t in frames:
+            cx, cy = positions[t] if isinstance(positions, list) else positions
+            self.frames[t][shape_mask(shape, cx, cy)] = COLORS[color]
+
+
+def _place(rng, taken=()) -> tuple[int, int]:
+    """A shape centre inside the frame, at least 2.5 radii from the centres in `taken`."""
+    while True:
+        point = tuple(int(v) for v in rng.integers(RADIUS + 2, SIZE - RADIUS - 2, size=2))
+        if all(np.hypot(point[0] - a, point[1] - b) > 2.5 * RADIUS for a, b in taken):
+            return point
+
+
+def _two_objects(rng) -> tuple[tuple[str, str], tuple[str, str]]:
+    """Two (colour, shape) pairs that differ in both colour and shape."""
+    colors = rng.choice(list(COLORS), size=2, replace=False)
+    shapes = rng.choice(SHAPES, size=2, replace=False)
+    return (str(colors[0]), str(shapes[0])), (str(colors[1]), str(shapes[1]))
+
+
+def runs_pattern(rng, runs: int, on: int = 4) -> list[int]:
+    """Frames (of 8) on which a shape is visible: `on` of them, in exactly `runs` separate runs."""
+    while True:
+        visible = np.zeros(NUM_FRAMES, dtype=bool)
+        visible[rng.choice(NUM_FRAMES, size=on, replace=False)] = True
+        if np.count_nonzero(np.diff(visible.astype(int)) == 1) + int(visible[0]) == runs:
+            return np.flatnonzero(visible).tolist()
+
+
+def make_clip(question_type: str, rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
+    """Frames `(8, 64, 64, 3)` uint8, question and answer of one clip of `question_type`."""
+    scene = Scene(rng)
+    (color, shape), (other_color, other_shape) = _two_objects(rng)
+    if question_type == "direction":
+        direction = str(rng.choice(list(DIRECTIONS)))
+        dx, dy = DIRECTIONS[direction]
+        step = rng.uniform(4.5, 5.5)
+        across = rng.uniform(RADIUS + 4, SIZE - RADIUS - 4)
+        start = RADIUS + 2 + (SIZE - 2 * RADIUS - 4 - 7 * step) * rng.random()
+        along = [start + t * step for t in range(NUM_FRAMES)]
+        along = along if dx + dy > 0 else along[::-1]
+        positions = [(a, across) if dx else (across, a) for a in along]
+        scene.draw(shape, color, positions)
+        return scene.frames, f"Which way does the {color} {shape} move: left, right, up or down?", direction
+    if question_type == "order":
+        first, second = ((color, shape), (other_color, other_shape))
+        duration = int(rng.integers(2, 4))
+        start_first = int(rng.integers(0, NUM_FRAMES - duration))
+        start_second = int(rng.integers(start_first + 1, NUM_FRAMES - duration + 1))
+        a = _place(rng)
+        b = _place(rng, [a])
+        scene.draw(first[1], first[0], a, range(start_first, start_first + duration))
+        scene.draw(second[1], second[0], b, range(start_second, start_second + duration))
+        named = [first, second] if rng.random() < 0.5 else [second, first]
+        question = f"Which appears first, the {named[0][0]} {named[0][1]} or the {named[1][0]} {named[1][1]}?"
+        return scene.frames, question, first[1]
+    if question_type == "count":
+        runs = int(rng.integers(1, 4))
+        scene.draw(shape, color, _place(rng), runs_pattern(rng, runs))
+        return scene.frames, f"How many times does the {color} {shape} appear?", str(runs)
+    if question_type == "change":
+        where = _place(rng)
+        scene.draw(shape, color, where, range(0, NUM_FRAMES // 2))
+        scene.draw(shape, other_color, where, range(NUM_FRAMES // 2, NUM_FRAMES))
+        return scene.frames, f"What colour does the {shape} turn into?", other_color
+    scene.draw(shape, color, _place(rng))
+    if question_type == "color":
+        return scene.frames, f"What colour is the {shape}?", color
+    return scene.frames, f"What shape is the {color} object?", shape
+
+
+def write_mp4(path: Path, frames: np.ndarray) -> None:
+    """Encode `(T, H, W, 3)` uint8 frames as H.264 (libx264, yuv420p, CRF 12, one keyframe) at `FPS`."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.options = {"crf": "12", "preset": "veryfast"}
+        for array in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def _row(args) -> dict:
+    split_dir, seed, index = args
+    rng = np.random.default_rng([seed, index])
+    question_type = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+    frames, question, answer = make_clip(question_type, rng)
+    relative = Path("videos") / split_dir.name / f"{index:06d}.mp4"
+    write_mp4(split_dir.parent.parent / relative, frames)
+    return {
+        "messages": [
+            {"role": "user", "content": [{"type": "video", "path": str(relative)}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+        "question_type": question_type,
+        "temporal": question_type in TEMPORAL_TYPES,
+    }
+
+
+def generate_dataset(output_dir, sizes: dict[str, int], seed: int = 0, workers: int = 1) -> dict[str, Path]:
+    """Write `sizes[split]` clips per split into `output_dir/videos/<split>/` and `output_dir/<split>.jsonl`.
+
+    Args:
+        output_dir: folder to fill (created).
+        sizes: clips per split, e.g. `{"train": 6000, "validation": 300, "test": 600}`; keys from `SPLITS`.
+        seed: the data seed; each split draws from its own stream (`seed * 3 + split offset`).
+        workers: processes that render and encode in parallel (the result does not depend on it).
+
+    Returns:
+        `dict[str, Path]`: the JSONL file of each split.
+
+    Raises:
+        ValueError: an unknown split name.
+    """
+    output_dir = Path(output_dir)
+    files = {}
+    for split, count in sizes.items():
+        if split not in SPLITS:
+            raise ValueError(f"Unknown split {split!r}; use {list(SPLITS)}.")
+        split_dir = output_dir / "videos" / split
+        split_dir.mkdir(parents=True, exist_ok=True)
+        jobs = [(split_dir, seed * len(SPLITS) + SPLITS[split], index) for index in range(count)]
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                rows = list(pool.map(_row, jobs, chunksize=64))
+        else:
+            rows = [_row(job) for job in jobs]
+        files[split] = output_dir / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return files
