@@ -988,11 +988,11 @@ class StormVideoProcessor(BaseVideoProcessor):
     Accepts paths, http(s) URLs, base64 data URIs (`data:video/mp4;base64,...`), encoded bytes (`bytes`, `memoryview`)
     or binary file objects, and decoded videos: arrays/tensors `(T, H, W, 3)` or `(T, 3, H, W)` (uint8 0..255; float
     0..255, or 0..1 with `do_rescale=False`), lists of frames (PIL images, arrays) and lists of frame files (image
-    paths or URLs: one video). A batch may mix them, nest them per sample, and include samples without videos. Frames
-    are sampled either as `num_frames` uniformly over the whole duration or at `fps` frames per second (one of the
-    two; `fps` wins over the default `num_frames`; with k = `temporal_pool_size` the fps count is a multiple of k, at
-    least k, at most `max_frames`), by timestamp; with `keyframes_only=True` among keyframes only, which decodes one
-    frame per sample (long videos).
+    paths or URLs: one video, already sampled, so it needs `do_sample_frames=False`, as in transformers). A batch may
+    mix them, nest them per sample, and include samples without videos. Frames are sampled either as `num_frames`
+    uniformly over the whole duration or at `fps` frames per second (one of the two; `fps` wins over the default
+    `num_frames`; with k = `temporal_pool_size` the fps count is a multiple of k, at least k, at most `max_frames`),
+    by timestamp; with `keyframes_only=True` among keyframes only, which decodes one frame per sample (long videos).
 
     Output: `pixel_values_videos` of shape `(num_videos, num_frames, 3, size["height"], size["width"])`, and
     `video_metadata` (indices, timestamps in seconds, fps) with `return_metadata=True`. Videos of one batch with
@@ -1023,7 +1023,8 @@ class StormVideoProcessor(BaseVideoProcessor):
         """Decode, sample and normalise `videos` (see the class docstring); returns `pixel_values_videos` (B, T, 3, H, W).
 
         Raises:
-            TypeError / ValueError: an argument or a video that is not valid, with what was expected.
+            TypeError / ValueError: an argument or a video that is not valid, with what was expected; ValueError for
+            frame files with `do_sample_frames` on.
         """
         kwargs = self._checked_kwargs(kwargs)
         videos = _flatten_videos(videos)
@@ -1054,6 +1055,13 @@ class StormVideoProcessor(BaseVideoProcessor):
                 )
             frames, metadata = read_video_pyav(video, sample, size=self._decode_size(kwargs))
             return torch.from_numpy(frames).permute(0, 3, 1, 2), metadata
+        if sample is not None and isinstance(video, list) and _is_frame_file(video[0]):
+            # transformers' contract (BaseVideoProcessor): frame files are frames already sampled
+            raise ValueError(
+                f"{where} is a list of {len(video)} frame files, which are taken as already sampled. Sampling frames "
+                "from a list of images is not supported! Set `do_sample_frames=False` to use these frames as they are "
+                "(their count must be a multiple of temporal_pool_size)."
+            )
         frames = _frames_tensor(video, where, do_rescale is not False, kwargs.get("input_data_format"))
         metadata = StormVideoMetadata(
             total_num_frames=len(frames),

@@ -1,3 +1,6 @@
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -209,7 +212,9 @@ def test_mixed_batches_need_no_torchcodec(tokenizer, video_path, tmp_path):
         paths.append(str(tmp_path / f"frame{i}.jpg"))
         Image.fromarray(frame).save(paths[-1])
     message = [{"role": "user", "content": [{"type": "video", "path": paths}, {"type": "text", "text": "?"}]}]
-    inputs = processor.apply_chat_template(message, tokenize=True, return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(
+        message, tokenize=True, return_dict=True, return_tensors="pt", processor_kwargs={"do_sample_frames": False}
+    )
     assert inputs["pixel_values_videos"].shape == (1, 4, 3, 32, 32)  # one video of 4 frames, not 4 videos
     assert int((inputs["input_ids"] == config.video_token_id).sum()) == config.num_video_tokens(4)
 
@@ -244,8 +249,8 @@ def test_videos_of_different_lengths_at_one_fps_run_through_the_model(tokenizer,
             r"conversation, message 0: content must be .*got a dict",
         ),
         ([{"role": "user", "content": 5}], r"content must be a string or a list of parts.*got a int \(5\)"),
-        ([{"role": "user", "content": ["hi"]}], r"message 0, part 0 must be a dict with a 'type'"),
-        (["hi"], r"message 0 must be a dict with 'role' and 'content'"),
+        ([{"role": "user", "content": ["hi"]}], r"message 0, part 0 must be a dict \(or an object\) with a 'type'"),
+        (["hi"], r"message 0 must be a dict \(or an object\) with 'role' and 'content'"),
         ([[{"role": "user", "content": "a"}], "b"], r"conversation 1 must be a list of messages, got a str"),
     ],
 )
@@ -260,3 +265,71 @@ def test_a_video_path_that_is_a_number(tokenizer):
     message = [{"role": "user", "content": [{"type": "video", "path": 5}, {"type": "text", "text": "?"}]}]
     with pytest.raises(TypeError, match=r"videos\[0\]\[0\] is a int \(5\)\. A video is a path"):
         processor.apply_chat_template(message, tokenize=True, return_dict=True)
+
+
+@pytest.mark.skipif(
+    version.parse(transformers.__version__) < version.parse("5.24"),
+    reason="transformers 5.24 reads message objects (huggingface/transformers#50773); 5.17 indexes them as dicts",
+)
+def test_message_objects_are_read_like_dicts(tokenizer):
+    """transformers' contract: chat messages and content parts may be objects with the same fields (dataclasses)."""
+
+    @dataclasses.dataclass
+    class Part:
+        type: str
+        text: str
+
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: list
+
+    processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=4)
+    as_dicts = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}]}]
+    as_objects = [Message("user", [Part("text", "What is this?")])]
+    template = (
+        "{% for m in messages %}{{ m.role }}:"
+        "{% for p in m.content %} {{ p.type }}={{ p.text }}{% endfor %}{% endfor %}"
+    )
+    expected = "user: text=What is this?"
+    assert processor.apply_chat_template(as_dicts, tokenize=False, chat_template=template) == expected
+    assert processor.apply_chat_template(as_objects, tokenize=False, chat_template=template) == expected
+    with pytest.raises(TypeError, match=r"message 0, part 0 must be a dict \(or an object\) with a 'type'"):
+        processor.apply_chat_template([Message("user", [object()])], tokenize=False, chat_template=template)
+
+
+def test_frame_files_are_taken_as_already_sampled(tokenizer, tmp_path):
+    """transformers' contract: a video given as frame files is not sampled again; asking to sample raises."""
+    processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=2)
+    paths = []
+    for i, frame in enumerate(numbered_frames(4, 40, 40)):
+        paths.append(str(tmp_path / f"frame{i}.png"))
+        Image.fromarray(frame).save(paths[-1])
+    message = [{"role": "user", "content": [{"type": "video", "path": paths}, {"type": "text", "text": "?"}]}]
+    kwargs = {"tokenize": True, "return_dict": True, "return_tensors": "pt"}
+    with pytest.raises(ValueError, match=r"video 0 is a list of 4 frame files.*Set `do_sample_frames=False`"):
+        processor.apply_chat_template(message, **kwargs)
+    inputs = processor.apply_chat_template(message, processor_kwargs={"do_sample_frames": False}, **kwargs)
+    assert inputs["pixel_values_videos"].shape == (1, 4, 3, 32, 32)  # all 4 files, not num_frames=2 of them
+
+
+def test_num_multimodal_tokens_equal_the_expanded_placeholders(tokenizer):
+    """`_get_num_multimodal_tokens` (the count serving engines such as vLLM ask for) equals what `__call__` expands,
+    for images of any size and videos of any frame count that is a multiple of k."""
+    config = storm_config(tokenizer, image_size=64, temporal_pool_size=2, spatial_pool_size=2)
+    processor = build_processor(config, tokenizer, num_frames=4)
+    image_sizes = [(100, 100), (300, 100), (30, 500)]
+    images = [np.zeros((h, w, 3), dtype=np.uint8) for h, w in image_sizes]
+    inputs = processor(text=["<|image_pad|>"] * 3, images=images, padding=True, return_tensors="pt")
+    counted = (inputs["input_ids"] == config.image_token_id).sum(1).tolist()
+    assert processor._get_num_multimodal_tokens(image_sizes=image_sizes)["num_image_tokens"] == counted == [4] * 3
+    counted = []  # one call per video: a batch pads its videos to the longest (see StormVideoProcessor)
+    for frames in (2, 6):
+        inputs = processor(
+            text="<|video_pad|>", videos=numbered_frames(frames, 48, 40), do_sample_frames=False, return_tensors="pt"
+        )
+        counted.append(int((inputs["input_ids"] == config.video_token_id).sum()))
+    helper = processor._get_num_multimodal_tokens(video_sizes=[(2, 48, 40), (6, 48, 40)])["num_video_tokens"]
+    assert helper == counted == [config.num_video_tokens(2), config.num_video_tokens(6)] == [4, 12]
+    with pytest.raises(ValueError, match="num_frames=3 is not a multiple of temporal_pool_size=2"):
+        processor._get_num_multimodal_tokens(video_sizes=[(3, 48, 40)])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from transformers.image_utils import make_flat_list_of_images
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.video_utils import VideoMetadata
 
 from .configuration_storm import StormConfig, check_count, get_num_visual_tokens
@@ -145,6 +145,46 @@ class StormProcessor(ProcessorMixin):
         )
         return self.image_token * count
 
+    def _get_num_multimodal_tokens(self, image_sizes=None, video_sizes=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens per image and per video of the given sizes, as `__call__` expands them (transformers'
+        helper for serving engines such as vLLM). Every image and frame is resized to the processors' square `size`,
+        so only the frame count matters.
+
+        Args:
+            image_sizes (`list[tuple[int, int]]`, *optional*): `(height, width)` of each image, in pixels.
+            video_sizes (`list[tuple[int, int, int]]`, *optional*): `(num_frames, height, width)` of each video, with
+                the frames the model receives (after sampling).
+
+        Returns:
+            `MultiModalData`: `num_image_tokens` and `num_image_patches` (1 per image), `num_video_tokens`.
+
+        Raises:
+            ValueError: a frame count that is not a multiple of `temporal_pool_size`.
+        """
+        self._check_settings()
+        data = {}
+        if image_sizes is not None:
+            size = self.image_processor.size
+            side = size["height"] if isinstance(size, dict) else size.height
+            count = get_num_visual_tokens(
+                1, grid_size=self._grid_size(side, side), spatial_pool_size=self.spatial_pool_size
+            )
+            data.update(num_image_tokens=[count] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
+        if video_sizes is not None:
+            size = self.video_processor.size
+            grid_size = self._grid_size(size["height"], size["width"])
+            data["num_video_tokens"] = [
+                get_num_visual_tokens(
+                    frames,
+                    grid_size=grid_size,
+                    temporal_pool_size=self.temporal_pool_size,
+                    spatial_pool_size=self.spatial_pool_size,
+                    temporal_sample_rate=self.temporal_sample_rate,
+                )
+                for frames, _, _ in video_sizes
+            ]
+        return MultiModalData(**data)
+
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """transformers' checks, and one placeholder in `text` per video and per image (older transformers do not
         count them: a placeholder without its video would reach the model as a plain token).
@@ -179,8 +219,8 @@ class StormProcessor(ProcessorMixin):
 
     def apply_chat_template(self, conversation, *args, **kwargs):
         """transformers' `apply_chat_template`, after checking that `conversation` is a list of messages (or a batch
-        of such lists), each a dict with a `role` and a `content` that is a string or a list of typed parts such as
-        `{"type": "video", "path": "clip.mp4"}` and `{"type": "text", "text": "..."}`.
+        of such lists), each a dict (or an object with these attributes) with a `role` and a `content` that is a string
+        or a list of typed parts such as `{"type": "video", "path": "clip.mp4"}` and `{"type": "text", "text": "..."}`.
 
         Raises:
             TypeError: a message, content or part of another shape, naming where it is.
@@ -191,14 +231,22 @@ class StormProcessor(ProcessorMixin):
         return super().apply_chat_template(conversation, *args, **kwargs)
 
 
+def _field(item, name: str):
+    """`item[name]` of a dict, or the attribute of a message/part object (transformers accepts both, e.g. dataclasses);
+    None when absent."""
+    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
+
+
 def _check_messages(messages, where: str) -> None:
     if not isinstance(messages, (list, tuple)):
         raise TypeError(f"{where} must be a list of messages, got a {type(messages).__name__}.")
     for j, message in enumerate(messages):
         here = f"{where}, message {j}"
-        if not isinstance(message, dict) or "role" not in message:
-            raise TypeError(f"{here} must be a dict with 'role' and 'content', got {str(message)[:80]}.")
-        content = message.get("content")
+        if _field(message, "role") is None:
+            raise TypeError(
+                f"{here} must be a dict (or an object) with 'role' and 'content', got {str(message)[:80]}."
+            )
+        content = _field(message, "content")
         if content is None or isinstance(content, str):
             continue
         if not isinstance(content, (list, tuple)):
@@ -208,9 +256,10 @@ def _check_messages(messages, where: str) -> None:
                 "single part in a list."
             )
         for k, part in enumerate(content):
-            if not isinstance(part, dict) or "type" not in part:
+            if _field(part, "type") is None:
                 raise TypeError(
-                    f"{here}, part {k} must be a dict with a 'type' ('text', 'image' or 'video'), got {str(part)[:80]}."
+                    f"{here}, part {k} must be a dict (or an object) with a 'type' ('text', 'image' or 'video'), got "
+                    f"{str(part)[:80]}."
                 )
 
 
