@@ -194,6 +194,14 @@ class StormPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the torch selective scan is a Python loop
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: STORM initialises through `transformers.initialization` (per-parameter flags), as in-library models
+        do. transformers (5.24) treats out-of-tree classes as custom code and then skips every module without
+        parameters of its own, SigLIP's attention and MLP among them, when weights are missing from a checkpoint, so
+        their linears would keep torch's default init instead of SigLIP's (`test_can_init_all_missing_weights`)."""
+        return False
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' `save_pretrained`. When the class is registered for an Auto class (`import
         storm_transformers` does it, and transformers does it for remote code it loads), transformers also saves the

@@ -389,3 +389,17 @@ def test_a_tied_lm_head_is_sharded_with_its_embedding():
     names = {module: name for name, module in model.named_modules()}
     head, embedding = names[model.lm_head], names[model.get_input_embeddings()]
     assert (head in model.tp_plan) == (embedding in model.tp_plan), model.tp_plan
+
+
+def test_weights_missing_from_a_checkpoint_get_the_vision_towers_own_init():
+    """SigLIP's attention and MLP linears have no parameters of their own module; transformers 5.24 skips such
+    modules for custom code when weights are missing, leaving torch's default init (`is_custom_code` is False)."""
+    torch.manual_seed(0)
+    model = StormForConditionalGeneration.from_pretrained(None, config=tiny_config(), state_dict={})
+    attention = model.model.vision_tower.encoder.layers[0].self_attn
+    for linear in (attention.q_proj, attention.k_proj, attention.v_proj):
+        fan_out, fan_in = linear.weight.shape
+        assert linear.weight.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5  # xavier_uniform_ (SigLIP's init)
+        assert not linear.bias.any()
+    mlp = model.model.vision_tower.encoder.layers[0].mlp
+    assert 0 < mlp.fc1.bias.abs().max() <= 1e-5  # SigLIP: normal_(std=1e-6)
