@@ -875,7 +875,13 @@ def _frame_files(folder, missing=False):
         paths.append(folder / f"{i:04d}.png")
         if not (missing and i == 5):
             Image.fromarray(frame).save(paths[-1])
-    return _sampled_indices([str(path) for path in paths], num_frames=4)
+    return _sampled_indices([str(path) for path in paths], do_sample_frames=False)  # already sampled: all 8 frames
+
+
+def _frame_files_sampled(folder):
+    """Frame files with the default frame sampling on: transformers refuses to sample them again; so do we."""
+    _frame_files(folder)
+    return _sampled_indices(sorted(str(path) for path in folder.glob("*.png")), num_frames=4)
 
 
 CASES += [
@@ -929,8 +935,8 @@ CASES += [
     Case("video file", "a negative frame index", lambda folder: read(_numbered(folder, "clip.mp4"), [-1]),
          names=("-1", "outside")),
     Case("video file", "a PNG path as a video, 8 frames", _png, names=("8 frames", "only 1")),
-    Case("video file", "a list of PNG frame files: one video", _frame_files, expect="accept",
-         check=lambda found: found == [0, 2, 5, 7]),
+    Case("video file", "a list of PNG frame files: one already-sampled video", _frame_files, expect="accept",
+         check=lambda found: found == list(range(8))),
     Case("video file", "a list of frame files with one missing", lambda folder: _frame_files(folder, missing=True),
          names=("0005.png", "not found")),
 ]
@@ -1327,3 +1333,8 @@ def main(areas: list[str]) -> int:
 if __name__ == "__main__":
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
     sys.exit(main(sys.argv[1:]))
+
+CASES += [
+    Case("video file", "a list of frame files, sampled again", lambda folder: _frame_files_sampled(folder),
+         names=("already sampled", "do_sample_frames=False")),
+]
