@@ -159,6 +159,16 @@ def test_left_padded_batch_generates_the_same_tokens_as_each_prompt_alone():
         assert torch.equal(batch[row, -6:], alone[0, -6:])
 
 
+def test_assisted_decoding_with_the_model_as_its_own_assistant_gives_the_greedy_tokens():
+    """transformers' assisted decoding never counts an assistant's `generate` call as a first iteration, so the
+    assistant's prefill would get the video placeholders without their pixels (and raise)."""
+    model = build(tiny_config())
+    inputs = video_inputs(model.config)
+    greedy = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assisted = model.generate(**inputs, max_new_tokens=4, do_sample=False, assistant_model=model)
+    assert torch.equal(assisted, greedy)
+
+
 def test_sdpa_and_eager_attention_agree(tmp_path):
     build(tiny_config()).save_pretrained(tmp_path)
     inputs = video_inputs(tiny_config())

@@ -635,6 +635,25 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
         """See `StormModel.get_image_features`."""
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    # `generate` checks its kwargs against this signature: show the base method's (its cache argument is named
+    # `past_key_values` before transformers 5.24, `cache` from 5.24 on)
+    @functools.wraps(GenerationMixin.prepare_inputs_for_generation, assigned=())
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
+        """`GenerationMixin.prepare_inputs_for_generation`, except that `pixel_values` / `pixel_values_videos` go
+        with every forward whose cache is still empty, i.e. whose `input_ids` still hold the placeholders.
+
+        transformers forwards pixels on a `generate` call's first iteration only, and never counts an assistant
+        model's call (assisted decoding, `assistant_model=`) as a first iteration: the assistant's prefill would get
+        the placeholders without their pixels, which `StormModel.forward` rejects.
+        """
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        cache = kwargs.get(CACHE_NAME)
+        if cache is None or cache.get_seq_length() == 0:
+            for name in ("pixel_values", "pixel_values_videos"):
+                if model_inputs.get(name) is None and kwargs.get(name) is not None:
+                    model_inputs[name] = kwargs[name]
+        return model_inputs
+
     @can_return_tuple
     @accepts_legacy_cache_name
     def forward(
