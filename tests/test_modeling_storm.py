@@ -378,6 +378,17 @@ def test_placeholders_without_their_pixels_raise(drop):
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
 
 
+def test_a_generated_placeholder_id_is_read_as_text_not_rejected():
+    """Only the placeholders of what is read from the start (a prompt, a training sequence) need pixels: a placeholder
+    id the model itself generates comes after the cache, and is embedded as text (as in transformers' VLMs)."""
+    model = build(tiny_config())
+    inputs = video_inputs(model.config)
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, sequence_bias={(VIDEO_TOKEN_ID,): 100.0})
+    assert out[0, -3:].tolist() == [VIDEO_TOKEN_ID] * 3
+    with pytest.raises(ValueError, match="but no pixel_values_videos were given"):
+        model(input_ids=out)  # the same ids read from the start, without their pixels
+
+
 def test_fp32_ssm_parameters_are_named_whole():
     """`_keep_in_fp32_modules_strict` names every fp32 parameter by its whole dotted name, not by a prefix of another."""
     import re
