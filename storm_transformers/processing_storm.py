@@ -84,6 +84,17 @@ class StormProcessor(ProcessorMixin):
         self.image_token_id = self._placeholder_id(image_token)
         self.video_token_id = self._placeholder_id(video_token)
 
+    def save_pretrained(self, *args, **kwargs):
+        """`ProcessorMixin.save_pretrained`, after which the processor equals the one `from_pretrained` loads back:
+        transformers' `custom_object_save` sets `auto_map` on the processor to write it into `processor_config.json`
+        (for remote code), while loading drops it."""
+        had_auto_map = "auto_map" in self.__dict__
+        try:
+            return super().save_pretrained(*args, **kwargs)
+        finally:
+            if not had_auto_map:
+                self.__dict__.pop("auto_map", None)
+
     def _check_settings(self) -> None:
         """The token-count settings are positive ints (they can be set after construction, e.g. by `storm generate`)."""
         for name in (

@@ -159,6 +159,16 @@ def test_left_padded_batch_generates_the_same_tokens_as_each_prompt_alone():
         assert torch.equal(batch[row, -6:], alone[0, -6:])
 
 
+def test_assisted_decoding_with_the_model_as_its_own_assistant_gives_the_greedy_tokens():
+    """transformers' assisted decoding never counts an assistant's `generate` call as a first iteration, so the
+    assistant's prefill would get the video placeholders without their pixels (and raise)."""
+    model = build(tiny_config())
+    inputs = video_inputs(model.config)
+    greedy = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assisted = model.generate(**inputs, max_new_tokens=4, do_sample=False, assistant_model=model)
+    assert torch.equal(assisted, greedy)
+
+
 def test_sdpa_and_eager_attention_agree(tmp_path):
     build(tiny_config()).save_pretrained(tmp_path)
     inputs = video_inputs(tiny_config())
@@ -366,6 +376,17 @@ def test_placeholders_without_their_pixels_raise(drop):
     model.eval()
     inputs = video_inputs(config)
     assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_a_generated_placeholder_id_is_read_as_text_not_rejected():
+    """Only the placeholders of what is read from the start (a prompt, a training sequence) need pixels: a placeholder
+    id the model itself generates comes after the cache, and is embedded as text (as in transformers' VLMs)."""
+    model = build(tiny_config())
+    inputs = video_inputs(model.config)
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, sequence_bias={(VIDEO_TOKEN_ID,): 100.0})
+    assert out[0, -3:].tolist() == [VIDEO_TOKEN_ID] * 3
+    with pytest.raises(ValueError, match="but no pixel_values_videos were given"):
+        model(input_ids=out)  # the same ids read from the start, without their pixels
 
 
 def test_fp32_ssm_parameters_are_named_whole():

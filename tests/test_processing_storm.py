@@ -83,6 +83,14 @@ def test_save_and_load_through_auto_classes(tokenizer, tmp_path):
     assert type(AutoVideoProcessor.from_pretrained(tmp_path)) is StormVideoProcessor
 
 
+def test_a_saved_processor_equals_its_reload(tokenizer, tmp_path):
+    """transformers' `custom_object_save` sets `auto_map` on the processor it saves, which a reload drops."""
+    processor = build_processor(storm_config(tokenizer), tokenizer, num_frames=8)
+    processor.save_pretrained(tmp_path)
+    assert "auto_map" in (tmp_path / "processor_config.json").read_text()  # still written for remote code
+    assert processor.to_dict() == StormProcessor.from_pretrained(tmp_path).to_dict()
+
+
 def test_images_and_several_videos_in_one_batch(tokenizer, videos_dir):
     config = storm_config(tokenizer)
     processor = build_processor(config, tokenizer, num_frames=4)

@@ -427,11 +427,14 @@ class StormModel(StormPreTrainedModel):
             )
         self._check_pixels(pixel_values, "pixel_values")
 
-    def _check_placeholders_have_pixels(self, input_ids, pixel_values, pixel_values_videos) -> None:
+    def _check_placeholders_have_pixels(self, input_ids, pixel_values, pixel_values_videos, cache) -> None:
         """Placeholders without their pixels would reach the LLM as the placeholder token's embedding, silently (e.g.
-        a data collator that drops `pixel_values_videos`). Only the ids given to this forward count: during cached
-        generation the placeholders are in the cache, not in the new ids."""
+        a data collator that drops `pixel_values_videos`). Checked when the ids are read from the start (a prompt, a
+        training sequence), i.e. nothing is cached yet: after the cache come the tokens `generate` produced, where a
+        placeholder id the model generated is text, as in transformers' VLMs."""
         if input_ids is None or torch.compiler.is_compiling():  # a compiled decode step: no host sync, no graph break
+            return
+        if cache is not None and cache.get_seq_length() > 0:
             return
         for pixels, token_id, name, modality in (
             (pixel_values, self.config.image_token_id, "pixel_values", "image"),
@@ -536,14 +539,15 @@ class StormModel(StormPreTrainedModel):
 
         Raises:
             ValueError: placeholder tokens and visual features disagree in number, or placeholders come without their
-            pixels; pixels of another dtype or size than the vision tower takes; the prompt exceeds the LLM context.
+            pixels (checked while nothing is cached: a placeholder id that `generate` produced is text); pixels of
+            another dtype or size than the vision tower takes; the prompt exceeds the LLM context.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        self._check_placeholders_have_pixels(input_ids, pixel_values, pixel_values_videos)
+        self._check_placeholders_have_pixels(input_ids, pixel_values, pixel_values_videos, cache)
         image_outputs = video_outputs = None
         if pixel_values is not None or pixel_values_videos is not None:
             num_videos = 0 if pixel_values_videos is None else pixel_values_videos.shape[0]
@@ -634,6 +638,25 @@ class StormForConditionalGeneration(StormPreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         """See `StormModel.get_image_features`."""
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    # `generate` checks its kwargs against this signature: show the base method's (its cache argument is named
+    # `past_key_values` before transformers 5.24, `cache` from 5.24 on)
+    @functools.wraps(GenerationMixin.prepare_inputs_for_generation, assigned=())
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
+        """`GenerationMixin.prepare_inputs_for_generation`, except that `pixel_values` / `pixel_values_videos` go
+        with every forward whose cache is still empty, i.e. whose `input_ids` still hold the placeholders.
+
+        transformers forwards pixels on a `generate` call's first iteration only, and never counts an assistant
+        model's call (assisted decoding, `assistant_model=`) as a first iteration: the assistant's prefill would get
+        the placeholders without their pixels, which `StormModel.forward` rejects.
+        """
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        cache = kwargs.get(CACHE_NAME)
+        if cache is None or cache.get_seq_length() == 0:
+            for name in ("pixel_values", "pixel_values_videos"):
+                if model_inputs.get(name) is None and kwargs.get(name) is not None:
+                    model_inputs[name] = kwargs[name]
+        return model_inputs
 
     @can_return_tuple
     @accepts_legacy_cache_name
