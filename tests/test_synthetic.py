@@ -12,11 +12,13 @@ from storm_transformers.training.synthetic import (
     COLORS,
     NUM_FRAMES,
     QUESTION_TYPES,
+    SHAPES,
     SIZE,
     TEMPORAL_TYPES,
     generate_dataset,
     make_clip,
     runs_pattern,
+    shape_mask,
 )
 
 
@@ -104,3 +106,49 @@ def test_dataset_is_seeded_real_h264_and_in_the_training_format(tmp_path):
 def test_unknown_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Unknown split 'dev'"):
         generate_dataset(tmp_path, {"dev": 1})
+
+
+@pytest.mark.parametrize("question_type", QUESTION_TYPES)
+def test_longer_clips_tell_the_same_story_beat_by_beat(question_type):
+    """32 frames = the 8 beats, each 4 frames long: same question and answer from the same seed; every frame of a beat
+    equals the 8-frame clip's frame, except a moving shape, which moves in 4× smaller steps along the same path."""
+    for index in range(10):
+        short, question, answer = make_clip(question_type, np.random.default_rng([11, index]))
+        long, long_question, long_answer = make_clip(question_type, np.random.default_rng([11, index]), 32)
+        assert long.shape == (32, SIZE, SIZE, 3) and (long_question, long_answer) == (question, answer)
+        if question_type != "direction":
+            np.testing.assert_array_equal(long, np.repeat(short, 4, axis=0))
+            continue
+        mask = colour_mask(long, named_colour(question))  # (32, H, W)
+        centres = np.array([np.argwhere(m).mean(0) for m in mask])  # (32, 2) as (y, x)
+        steps = np.abs(np.diff(centres, axis=0)).max(axis=1)  # pixels per frame along the motion
+        short_steps = np.abs(np.diff([np.argwhere(m).mean(0) for m in colour_mask(short, named_colour(question))],
+                                     axis=0)).max(axis=1)
+        assert steps.mean() == pytest.approx(short_steps.mean() * 7 / 31, rel=0.15)
+        np.testing.assert_array_equal(long[0], short[0])
+        np.testing.assert_array_equal(long[-1], short[-1])
+
+
+@pytest.mark.parametrize("num_frames", [0, 4, 12])
+def test_clip_length_must_be_whole_beats(num_frames):
+    with pytest.raises(ValueError, match=f"num_frames={num_frames} must be a positive multiple of 8"):
+        make_clip("count", np.random.default_rng(0), num_frames)
+
+
+def test_shifted_clips_change_the_nuisances_not_the_questions():
+    """Shifted clips (the generalisation check of docs/miniature.md): other backgrounds, radii 6 or 10 instead of 8,
+    slower motion; questions and answers drawn as before and still true of the frames."""
+    areas = {radius: {int(shape_mask(shape, 32, 32, radius).sum()) for shape in SHAPES} for radius in (6, 8, 10)}
+    radii, speeds = set(), []
+    for index in range(30):
+        frames, question, answer = make_clip("shape", np.random.default_rng([5, index]), shifted=True)
+        area = int(colour_mask(frames[0], named_colour(question)).sum())
+        radii |= {radius for radius, sizes in areas.items() if area in sizes}
+        frames, question, answer = make_clip("direction", np.random.default_rng([5, index]), shifted=True)
+        centres = np.array([np.argwhere(m).mean(0) for m in colour_mask(frames, named_colour(question))])
+        move = centres[-1] - centres[0]
+        axis = int(np.argmax(np.abs(move)))
+        assert answer == {(0, 1): "down", (0, -1): "up", (1, 1): "right", (1, -1): "left"}[axis, int(np.sign(move[axis]))]
+        speeds.append(np.abs(move).max() / 7)
+    assert radii == {6, 10}
+    assert 2.8 < min(speeds) and max(speeds) < 4.2  # px per frame; the training clips move 4.5-5.5

@@ -36,6 +36,9 @@ TEMPORAL_TYPES = ("direction", "order", "count", "change")
 CHANCE = {"direction": 1 / 4, "order": 1 / 2, "count": 1 / 3, "change": 1 / 3, "color": 1 / 4, "shape": 1 / 3}
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # seed offsets, so that no clip repeats across splits
 RADIUS = 8
+# Nuisance factors of the shifted test clips (`shifted=True`): other shape sizes and slower motion (and other
+# background textures, `shifted_background`).
+SHIFTED_RADII, SHIFTED_STEP = (6, 10), (3.0, 4.0)
 
 
 def background(rng: np.random.Generator) -> np.ndarray:
@@ -56,6 +59,25 @@ def background(rng: np.random.Generator) -> np.ndarray:
     return (base + (alt - base) * pattern[..., None]).astype(np.uint8)
 
 
+def shifted_background(rng: np.random.Generator) -> np.ndarray:
+    """A background `(SIZE, SIZE, 3)` uint8 of textures `background` never draws (for the shifted test clips of
+    `make_clip(..., shifted=True)`): dots, concentric rings or a diagonal gradient, in a slightly wider brightness
+    range."""
+    base = rng.integers(30, 100, size=3)
+    alt = np.clip(base + rng.integers(-30, 31, size=3), 15, 120)
+    y, x = np.mgrid[:SIZE, :SIZE]
+    kind = rng.integers(3)
+    if kind == 0:
+        period = rng.integers(6, 12)
+        pattern = (np.hypot((x % period) - period / 2, (y % period) - period / 2) < period / 4).astype(float)
+    elif kind == 1:
+        cx, cy, period = *rng.integers(SIZE, size=2), rng.integers(5, 11)
+        pattern = (np.hypot(x - cx, y - cy) // period) % 2
+    else:
+        pattern = (x + y * rng.uniform(-1, 1)) / (2 * SIZE) + 0.5
+    return (base + (alt - base) * np.clip(pattern, 0, 1)[..., None]).astype(np.uint8)
+
+
 def shape_mask(shape: str, cx: float, cy: float, radius: int = RADIUS) -> np.ndarray:
     """Boolean `(SIZE, SIZE)` mask of `shape` centred at (cx, cy) pixels."""
     y, x = np.mgrid[:SIZE, :SIZE]
@@ -68,22 +90,27 @@ def shape_mask(shape: str, cx: float, cy: float, radius: int = RADIUS) -> np.nda
 
 
 class Scene:
-    """Eight frames over one background; `draw` paints a shape on chosen frames."""
+    """`NUM_FRAMES` = 8 beats over one background, each beat `frames_per_beat` frames long; `draw` paints a shape
+    on chosen beats, at one position or at one position per frame."""
 
-    def __init__(self, rng: np.random.Generator):
-        self.frames = np.repeat(background(rng)[None], NUM_FRAMES, axis=0)
+    def __init__(self, rng: np.random.Generator, frames_per_beat: int = 1, shifted: bool = False):
+        self.frames_per_beat = frames_per_beat
+        self.frames = np.repeat((shifted_background if shifted else background)(rng)[None],
+                                NUM_FRAMES * frames_per_beat, axis=0)
+        self.radius = int(rng.choice(SHIFTED_RADII)) if shifted else RADIUS
 
-    def draw(self, shape: str, color: str, positions, frames=range(NUM_FRAMES)):
-        for t in frames:
-            cx, cy = positions[t] if isinstance(positions, list) else positions
-            self.frames[t][shape_mask(shape, cx, cy)] = COLORS[color]
+    def draw(self, shape: str, color: str, positions, beats=range(NUM_FRAMES)):
+        for beat in beats:
+            for t in range(beat * self.frames_per_beat, (beat + 1) * self.frames_per_beat):
+                cx, cy = positions[t] if isinstance(positions, list) else positions
+                self.frames[t][shape_mask(shape, cx, cy, self.radius)] = COLORS[color]
 
 
-def _place(rng, taken=()) -> tuple[int, int]:
+def _place(rng, taken=(), radius: int = RADIUS) -> tuple[int, int]:
     """A shape centre inside the frame, at least 2.5 radii from the centres in `taken`."""
     while True:
-        point = tuple(int(v) for v in rng.integers(RADIUS + 2, SIZE - RADIUS - 2, size=2))
-        if all(np.hypot(point[0] - a, point[1] - b) > 2.5 * RADIUS for a, b in taken):
+        point = tuple(int(v) for v in rng.integers(radius + 2, SIZE - radius - 2, size=2))
+        if all(np.hypot(point[0] - a, point[1] - b) > 2.5 * radius for a, b in taken):
             return point
 
 
@@ -103,17 +130,34 @@ def runs_pattern(rng, runs: int, on: int = 4) -> list[int]:
             return np.flatnonzero(visible).tolist()
 
 
-def make_clip(question_type: str, rng: np.random.Generator) -> tuple[np.ndarray, str, str]:
-    """Frames `(8, 64, 64, 3)` uint8, question and answer of one clip of `question_type`."""
-    scene = Scene(rng)
+def make_clip(question_type: str, rng: np.random.Generator, num_frames: int = NUM_FRAMES,
+              shifted: bool = False) -> tuple[np.ndarray, str, str]:
+    """Frames `(num_frames, 64, 64, 3)` uint8, question and answer of one clip of `question_type`.
+
+    Every clip tells its story in `NUM_FRAMES` = 8 beats; `num_frames` = 8·m stretches each beat over m frames (a
+    moving shape moves m times slower, in m times more steps), so that longer clips ask the same questions with
+    neighbouring frames that are nearly redundant, the regime of the paper's test-time temporal sampling (§3.3).
+    The random draws do not depend on `num_frames`: the same seed tells the same story at every length.
+    `shifted=True` changes the nuisance factors (not the questions): other background textures
+    (`shifted_background`), shape radius 6 or 10 px instead of 8, slower motion (`SHIFTED_STEP` px per beat).
+
+    Raises:
+        ValueError: `num_frames` is not a positive multiple of 8.
+    """
+    if num_frames < NUM_FRAMES or num_frames % NUM_FRAMES:
+        raise ValueError(f"num_frames={num_frames} must be a positive multiple of {NUM_FRAMES} (the story's beats).")
+    per_beat = num_frames // NUM_FRAMES
+    scene = Scene(rng, per_beat, shifted)
+    radius = scene.radius
     (color, shape), (other_color, other_shape) = _two_objects(rng)
     if question_type == "direction":
         direction = str(rng.choice(list(DIRECTIONS)))
         dx, dy = DIRECTIONS[direction]
-        step = rng.uniform(4.5, 5.5)
-        across = rng.uniform(RADIUS + 4, SIZE - RADIUS - 4)
-        start = RADIUS + 2 + (SIZE - 2 * RADIUS - 4 - 7 * step) * rng.random()
-        along = [start + t * step for t in range(NUM_FRAMES)]
+        step = rng.uniform(*SHIFTED_STEP) if shifted else rng.uniform(4.5, 5.5)
+        across = rng.uniform(radius + 4, SIZE - radius - 4)
+        start = radius + 2 + (SIZE - 2 * radius - 4 - 7 * step) * rng.random()
+        scale = (NUM_FRAMES - 1) / (num_frames - 1)  # the same path in num_frames steps (1.0 at 8 frames)
+        along = [start + t * scale * step for t in range(num_frames)]
         along = along if dx + dy > 0 else along[::-1]
         positions = [(a, across) if dx else (across, a) for a in along]
         scene.draw(shape, color, positions)
@@ -123,8 +167,8 @@ def make_clip(question_type: str, rng: np.random.Generator) -> tuple[np.ndarray,
         duration = int(rng.integers(2, 4))
         start_first = int(rng.integers(0, NUM_FRAMES - duration))
         start_second = int(rng.integers(start_first + 1, NUM_FRAMES - duration + 1))
-        a = _place(rng)
-        b = _place(rng, [a])
+        a = _place(rng, radius=radius)
+        b = _place(rng, [a], radius)
         scene.draw(first[1], first[0], a, range(start_first, start_first + duration))
         scene.draw(second[1], second[0], b, range(start_second, start_second + duration))
         named = [first, second] if rng.random() < 0.5 else [second, first]
@@ -132,14 +176,14 @@ def make_clip(question_type: str, rng: np.random.Generator) -> tuple[np.ndarray,
         return scene.frames, question, first[1]
     if question_type == "count":
         runs = int(rng.integers(1, 4))
-        scene.draw(shape, color, _place(rng), runs_pattern(rng, runs))
+        scene.draw(shape, color, _place(rng, radius=radius), runs_pattern(rng, runs))
         return scene.frames, f"How many times does the {color} {shape} appear?", str(runs)
     if question_type == "change":
-        where = _place(rng)
+        where = _place(rng, radius=radius)
         scene.draw(shape, color, where, range(0, NUM_FRAMES // 2))
         scene.draw(shape, other_color, where, range(NUM_FRAMES // 2, NUM_FRAMES))
         return scene.frames, f"What colour does the {shape} turn into?", other_color
-    scene.draw(shape, color, _place(rng))
+    scene.draw(shape, color, _place(rng, radius=radius))
     if question_type == "color":
         return scene.frames, f"What colour is the {shape}?", color
     return scene.frames, f"What shape is the {color} object?", shape
@@ -157,10 +201,10 @@ def write_mp4(path: Path, frames: np.ndarray) -> None:
 
 
 def _row(args) -> dict:
-    split_dir, seed, index = args
+    split_dir, seed, index, num_frames, shifted = args
     rng = np.random.default_rng([seed, index])
     question_type = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
-    frames, question, answer = make_clip(question_type, rng)
+    frames, question, answer = make_clip(question_type, rng, num_frames, shifted)
     relative = Path("videos") / split_dir.name / f"{index:06d}.mp4"
     write_mp4(split_dir.parent.parent / relative, frames)
     return {
@@ -173,7 +217,8 @@ def _row(args) -> dict:
     }
 
 
-def generate_dataset(output_dir, sizes: dict[str, int], seed: int = 0, workers: int = 1) -> dict[str, Path]:
+def generate_dataset(output_dir, sizes: dict[str, int], seed: int = 0, workers: int = 1,
+                     num_frames: int = NUM_FRAMES, shifted: bool = False) -> dict[str, Path]:
     """Write `sizes[split]` clips per split into `output_dir/videos/<split>/` and `output_dir/<split>.jsonl`.
 
     Args:
@@ -181,12 +226,14 @@ def generate_dataset(output_dir, sizes: dict[str, int], seed: int = 0, workers: 
         sizes: clips per split, e.g. `{"train": 6000, "validation": 300, "test": 600}`; keys from `SPLITS`.
         seed: the data seed; each split draws from its own stream (`seed * 3 + split offset`).
         workers: processes that render and encode in parallel (the result does not depend on it).
+        num_frames: frames per clip, a multiple of 8 (`make_clip`); the same seed tells the same stories.
+        shifted: other nuisance factors (`make_clip`), for measuring generalisation.
 
     Returns:
         `dict[str, Path]`: the JSONL file of each split.
 
     Raises:
-        ValueError: an unknown split name.
+        ValueError: an unknown split name; `num_frames` not a positive multiple of 8.
     """
     output_dir = Path(output_dir)
     files = {}
@@ -195,7 +242,7 @@ def generate_dataset(output_dir, sizes: dict[str, int], seed: int = 0, workers: 
             raise ValueError(f"Unknown split {split!r}; use {list(SPLITS)}.")
         split_dir = output_dir / "videos" / split
         split_dir.mkdir(parents=True, exist_ok=True)
-        jobs = [(split_dir, seed * len(SPLITS) + SPLITS[split], index) for index in range(count)]
+        jobs = [(split_dir, seed * len(SPLITS) + SPLITS[split], index, num_frames, shifted) for index in range(count)]
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
                 rows = list(pool.map(_row, jobs, chunksize=64))
