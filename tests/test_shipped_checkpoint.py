@@ -13,9 +13,9 @@ from storm_transformers.training.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "checkpoints" / "storm-tiny-synthetic"
-# Question types it learned (100% on the 600 test clips); on the others it is near chance (its card and
-# docs/miniature.md give the figures).
-LEARNED = ("color", "change")
+# Question types it learned, with the accuracy it reaches on the first 60 test clips (on all 600: color and change
+# 100%, order 96%, shape 94%); count (44%) and direction (23%) it has not learned (its card and docs/miniature.md).
+LEARNED = {"color": 1.0, "change": 1.0, "order": 0.9, "shape": 0.85}  # shape: 8 of its 9 clips
 
 
 def test_it_is_the_default_of_storm_generate_and_within_the_size_budget():
@@ -49,10 +49,10 @@ def held_out_clips(tmp_path_factory):
 def test_it_answers_held_out_clips_of_the_types_it_learned(held_out_clips):
     scores = evaluate(CHECKPOINT, held_out_clips, device="cpu")
     assert scores["questions"] == 60
-    for kind in LEARNED:
-        assert scores["by type"][kind] == 1.0, (kind, scores)
+    for kind, accuracy in LEARNED.items():
+        assert scores["by type"][kind] >= accuracy, (kind, scores)
     rows = [json.loads(line) for line in (held_out_clips / "test.jsonl").read_text().splitlines()]
-    assert sum(row["question_type"] in LEARNED for row in rows) >= 15  # the check covers a fair number of clips
+    assert sum(row["question_type"] in LEARNED for row in rows) >= 30  # the check covers a fair number of clips
 
 
 def test_the_shipped_checkpoints_code_is_the_packages():
