@@ -249,7 +249,10 @@ def representation(model_dir: Path, data: Path, fit_clips: int = 1200, device: s
     - `probe shape`: held-out accuracy of a linear probe (logistic regression) from the first frame's projector tokens
       (flattened) to the shape, on `shape` clips;
     - `probe direction`: the same from the projector tokens averaged over each half of the clip (temporal pooling
-      k = T/2, flattened) to the direction, on `direction` clips.
+      k = T/2, flattened) to the direction, on `direction` clips;
+    - `probe direction, LLM input`: the same from the visual tokens the LLM receives (temporal encoder and the model's
+      own pooling, `get_video_features`), and `probe direction, LLM answer state`: from the LLM's last hidden state
+      where the answer is generated (the prompt's last position): where the direction is lost, if it is.
 
     Probes are fitted on the `shape` / `direction` clips among the first `fit_clips` training clips and scored on
     those of the test split."""
@@ -296,6 +299,22 @@ def representation(model_dir: Path, data: Path, fit_clips: int = 1200, device: s
     _, direction_test, direction_test_labels = tokens("test", "direction")
     report["probe direction"] = _linear_probe(halves(direction_train), direction_labels, halves(direction_test),
                                               direction_test_labels)
+
+    def llm_side(split, limit=None):  # (B, visual tokens · D) LLM input, (B, D) LLM state at the answer, labels
+        rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()][:limit]
+        rows = [row for row in rows if row["question_type"] == "direction"]
+        inputs = processor.apply_chat_template(
+            [_with_absolute_paths(row["messages"][:1], data) for row in rows], add_generation_prompt=True,
+            tokenize=True, return_dict=True, return_tensors="pt",
+            processor_kwargs={"padding": True, "padding_side": "left"}).to(device)
+        with torch.inference_mode():
+            visual = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output  # (B, N, D)
+            state = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, -1]  # (B, D)
+        return visual.flatten(1), state, [row["messages"][1]["content"][0]["text"] for row in rows]
+
+    (visual, state, labels), (visual_test, state_test, test_labels) = llm_side("train", fit_clips), llm_side("test")
+    report["probe direction, LLM input"] = _linear_probe(visual, labels, visual_test, test_labels)
+    report["probe direction, LLM answer state"] = _linear_probe(state, labels, state_test, test_labels)
     return {key: round(value, 4) for key, value in report.items()}
 
 
