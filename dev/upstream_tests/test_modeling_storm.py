@@ -3,12 +3,12 @@ GenerationTesterMixin against StormModel / StormForConditionalGeneration. Run wi
 import unittest
 
 import torch
-
-from ...test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
-from ...generation.test_utils import GenerationTesterMixin
+from transformers.models.auto import modeling_auto
 
 from storm_transformers import StormConfig, StormForConditionalGeneration, StormModel
-from transformers.models.auto import modeling_auto
+
+from ...generation.test_utils import GenerationTesterMixin
+from ...test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 
 # Out-of-tree model: the mixins read transformers' static name tables, which registration does not fill.
 modeling_auto.MODEL_MAPPING_NAMES["storm"] = "StormModel"
@@ -65,7 +65,7 @@ class StormModelTester:
 class StormModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
     all_model_classes = (StormModel, StormForConditionalGeneration)
     _is_composite = True
-    additional_model_inputs = ["pixel_values", "pixel_values_videos"]
+    additional_model_inputs = ["pixel_values", "pixel_values_videos"]  # noqa: RUF012 (the mixin's attribute)
     # the mixin dates models by a "# Copyright YYYY" header, which our files lack; run the init check as for LLaVA-OV
     test_can_init_all_missing_weights_before_2023 = True
 

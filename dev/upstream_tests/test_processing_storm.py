@@ -4,9 +4,9 @@ import unittest
 
 from transformers import AutoTokenizer, SiglipImageProcessor
 
+from storm_transformers import StormProcessor, StormVideoProcessor
 from storm_transformers.conversion.assets import QWEN2_GGUF
 from storm_transformers.conversion.checkpoint import add_placeholder_tokens
-from storm_transformers import StormProcessor, StormVideoProcessor
 
 from ...test_processing_common import ProcessorTesterMixin
 
