@@ -14,7 +14,7 @@ from storm_cli import DEFAULT_MODEL, main  # noqa: F401  (`python -m storm_trans
 def generate(args) -> str:
     """Answer `args.prompt` about `args.video` with the checkpoint in `args.model`, printing what went in.
 
-    Before any frame is decoded it prints the budget (`storm_transformers.video_token_budget`, from the video's
+    Before any frame is decoded, and before the weights load, it prints the budget (`storm_transformers.video_token_budget`, from the video's
     container index only): the frames it will sample and their times, the visual tokens they make and whether they fit
     the LLM context with the prompt and `--max-new-tokens`; `--fit` changes the sampling until they do (fewer frames
     with `--fps`, a higher temporal sampling rate s with a frame count) and says what it changed.
@@ -31,6 +31,7 @@ def generate(args) -> str:
         )
     import torch
     from huggingface_hub import ModelCard
+    from transformers import AutoConfig, AutoProcessor
 
     from .processing_storm import video_token_budget
     from .video_processing_storm import read_video_metadata
@@ -51,24 +52,27 @@ def generate(args) -> str:
     if card.exists() and "random-weights" in (ModelCard.load(card).data.tags or []):
         print(f"NOTE: {model_dir} has random (untrained) weights: the answer below is noise, not understanding.")
 
+    # The budget needs the config and the processor only: a video that does not fit is refused before the weights load
+    # (minutes for STORM-7B) and before any frame is decoded.
     start = time.perf_counter()
-    model, processor = load_storm(model_dir, dtype=args.dtype, device=device)
+    config = AutoConfig.from_pretrained(model_dir)
     if args.temporal_sample_rate is not None:
-        model.config.temporal_sample_rate = processor.temporal_sample_rate = args.temporal_sample_rate
-    loaded = time.perf_counter()
-
+        config.temporal_sample_rate = args.temporal_sample_rate
     messages = [{"role": "user", "content": [{"type": "video", "path": args.video}, {"type": "text", "text": args.prompt}]}]
     video = read_video_metadata(args.video)  # the container's index: no frame decoded
     print(f"video: {args.video} ({video.duration:.1f} s, {video.total_num_frames} frames, {video.fps:.2f} fps)")
-    arguments = _budget_arguments(args, messages, processor)
-    budget = video_token_budget(video, model.config, **arguments, fit=args.fit)
+    arguments = _budget_arguments(args, messages, AutoProcessor.from_pretrained(model_dir))
+    budget = video_token_budget(video, config, **arguments, fit=args.fit)
     print(f"budget: {budget}")
     if not budget.fits:  # without --fit (with it, a budget that cannot fit is an error of video_token_budget)
-        raise _does_not_fit(args, budget, video, model.config, arguments)
+        raise _does_not_fit(args, budget, video, config, arguments)
     if budget.fitted:
         print(f"--fit: {budget.fitted}")
-        model.config.temporal_sample_rate = processor.temporal_sample_rate = budget.temporal_sample_rate
     indexed = time.perf_counter()
+
+    model, processor = load_storm(model_dir, dtype=args.dtype, device=device)
+    model.config.temporal_sample_rate = processor.temporal_sample_rate = budget.temporal_sample_rate
+    loaded = time.perf_counter()
 
     # the frames of the budget: the same sampling arguments, with the cap --fit may have lowered
     sampling = {"fps": args.fps, "max_frames": budget.max_frames} if args.fps else {"num_frames": arguments["num_frames"]}
@@ -105,8 +109,8 @@ def generate(args) -> str:
         f"prompt {inputs['input_ids'].shape[1]} tokens"
     )
     print(
-        f"time: load {loaded - start:.2f} s, index {indexed - loaded:.2f} s, decode + preprocess "
-        f"{prepared - indexed:.2f} s, generate {done - prepared:.2f} s ({len(new_tokens)} new tokens), total "
+        f"time: index {indexed - start:.2f} s, load {loaded - indexed:.2f} s, decode + preprocess "
+        f"{prepared - loaded:.2f} s, generate {done - prepared:.2f} s ({len(new_tokens)} new tokens), total "
         f"{done - start:.2f} s"
     )
     print(f"answer: {answer}")

@@ -151,8 +151,15 @@ def test_the_budget_is_what_the_processor_then_gives(videos_dir, miniature, no_d
     assert metadata.frames_indices == expected.tolist()
 
 
-def test_storm_generate_refuses_before_decoding_what_does_not_fit(videos_dir, no_decoding, capsys):
-    """bikes.mp4 at 25 fps on the miniature (1024-token context): 248 frames, 992 visual tokens; refused, undecoded."""
+def test_storm_generate_refuses_before_decoding_what_does_not_fit(videos_dir, no_decoding, capsys, monkeypatch):
+    """bikes.mp4 at 25 fps on the miniature (1024-token context): 248 frames, 992 visual tokens; refused, undecoded,
+    and before the weights load (minutes for STORM-7B)."""
+    import storm_transformers.loading
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded for a video that does not fit")
+
+    monkeypatch.setattr(storm_transformers.loading, "load_storm", no_weights)
     video = str(videos_dir / "bikes.mp4")
     assert main(["generate", "--video", video, "--prompt", "What happens?", "--fps", "25"]) == 1
     captured = capsys.readouterr()
