@@ -460,14 +460,16 @@ CHECKPOINTS = [
     ("an empty folder", lambda folder: folder, ("config.json",)),
     ("a file instead of a folder", lambda folder: SHIPPED / "config.json", ("is a file",)),
 ]
+# a real video: `storm generate` reads its index (the budget) before it loads the weights
+GENERATE_WITH_VIDEO = ("generate", "--video", str(REPO / "examples" / "square_turns_green.mp4"), "--prompt", "?")
 for name, make, names in CHECKPOINTS:
     CASES.append(Case("checkpoint", f"load_storm: {name}", lambda folder, m=make: load(m(folder)), names=names))
     CASES.append(Case("checkpoint", f"storm generate --model: {name}",
-                      lambda folder, m=make: storm(*GENERATE, "--model", m(folder)), names=names))
+                      lambda folder, m=make: storm(*GENERATE_WITH_VIDEO, "--model", m(folder)), names=names))
 CASES += [
     Case("checkpoint", "load_storm: pickle pytorch_model.bin only", _pickle_not_run(load), names=("pickle",)),
     Case("checkpoint", "storm generate --model: pickle pytorch_model.bin only",
-         _pickle_not_run(lambda path: storm(*GENERATE, "--model", path)), names=("pickle",)),
+         _pickle_not_run(lambda path: storm(*GENERATE_WITH_VIDEO, "--model", path)), names=("pickle",)),
     Case("checkpoint", "load_storm: the shipped miniature STORM", lambda folder: load(SHIPPED), expect="accept",
          check=lambda loaded: type(loaded[0]).__name__ == "StormForConditionalGeneration"
          and loaded[1].video_processor.num_frames == 8),
