@@ -2,12 +2,17 @@
 # installed and the Qwen2 tokenizer converted to /tmp/qwen2-tokenizer (what `miniature.main` writes to <output>/qwen2-tokenizer).
 """Can the miniature learn `direction` at all when it is all it is taught? bi-k4 from scratch with the stage-0 tower
 (frozen), alignment 50 steps, SFT on direction clips only; greedy accuracy on the test split's direction clips."""
-import json, sys, time
+import json
+import sys
+import time
 from pathlib import Path
+
 from storm_transformers import kernels
+
 kernels.COMPILE_VISION_TOWER = False
 from storm_transformers.training import miniature as m
 from storm_transformers.training.synthetic import generate_dataset
+
 out, t0 = Path("/tmp/dexp"), time.time()
 def log(message):
     print(f"[{time.time() - t0:5.0f} s] {message}", flush=True)
