@@ -192,7 +192,7 @@ class StormPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = True  # the decode step (LLM only) compiles in one graph, as upstream's static-cache and compile tests check
+    _can_compile_fullgraph = True  # the decode step (LLM only) compiles in one graph (upstream static-cache tests)
 
     @classmethod
     def is_custom_code(cls) -> bool:

@@ -135,23 +135,14 @@ def build_initial(output_dir: Path, tokenizer_dir: Path, name: str, seed: int, v
 
 def pretrain_vision(output: Path, tokenizer_dir: Path, seed: int, steps: int, log) -> tuple[Path, list[dict]]:
     """Stage 0 for `seed`: a random STORM (vision tower as in every configuration) whose tower is trained on
-    labelled single frames (`vision_pretraining.py`); returns its folder and the training log."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from storm_transformers.conversion.checkpoint import write_checkpoint
-
-    from .vision_pretraining import pretrain_vision_tower
+    labelled single frames (`vision_pretraining.py`); returns its folder and the training log. Runs before the
+    configurations' threads start."""
+    from .vision_pretraining import pretrain_checkpoint
 
     folder = output / "runs" / f"vision-seed{seed}"
-    with LOAD_LOCK:
-        init = build_initial(folder / "init", tokenizer_dir, "linear-k8", seed)
-        model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32)
-        processor = AutoProcessor.from_pretrained(init)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    history = pretrain_vision_tower(model, processor, max_steps=steps, seed=seed,
-                                    num_workers=min(8, os.cpu_count() or 1), log_every=max(1, steps // 5), log=log)
-    return write_checkpoint(folder / "stage0", model.cpu(), processor, overwrite=True), history
+    init = build_initial(folder / "init", tokenizer_dir, "linear-k8", seed)
+    return pretrain_checkpoint(init, folder / "stage0", overwrite=True, max_steps=steps, seed=seed,
+                               num_workers=min(8, os.cpu_count() or 1), log_every=max(1, steps // 5), log=log)
 
 
 def train(name: str, seed: int, output: Path, data: Path, steps: dict, workers: int, log,
@@ -204,24 +195,19 @@ def evaluate(model_dir: Path, data: Path, split: str = "test", temporal_sample_r
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
         processor = AutoProcessor.from_pretrained(model_dir)
     model.config.temporal_sample_rate = processor.temporal_sample_rate = temporal_sample_rate
-    rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()][:limit]
+    rows = _rows(data, split, limit)
     correct: dict[str, list[bool]] = {}
     losses: dict[str, list[float]] = {}  # cross-entropy of the answer's (first) token, nats
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        conversations = [_with_absolute_paths(row["messages"][:1], data) for row in batch]
-        inputs = processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-            processor_kwargs={"num_frames": processor.video_processor.num_frames, "padding": True,
-                              "padding_side": "left"},
-        ).to(device)
+        inputs = _prompts(processor, batch, data).to(device)
         with torch.inference_mode():
             output = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                                     return_dict_in_generate=True)
         answers = processor.batch_decode(output.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         first = output.logits[0].float().log_softmax(-1)  # (B, V): the first answer token's log-probabilities
         for index, (row, answer) in enumerate(zip(batch, answers)):
-            expected = row["messages"][1]["content"][0]["text"]
+            expected = _answer(row)
             correct.setdefault(row["question_type"], []).append(answer.strip().lower() == expected)
             expected_id = processor.tokenizer(expected, add_special_tokens=False)["input_ids"][0]
             losses.setdefault(row["question_type"], []).append(-first[index, expected_id].item())
@@ -267,19 +253,28 @@ def representation(model_dir: Path, data: Path, fit_clips: int = 1200, device: s
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
         processor = AutoProcessor.from_pretrained(model_dir)
 
-    def tokens(split, kind, limit=None):
-        rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()][:limit]
-        rows = [row for row in rows if row["question_type"] == kind]
-        paths = [str(data / row["messages"][0]["content"][0]["path"]) for row in rows]
-        labels = [row["messages"][1]["content"][0]["text"] for row in rows]
-        pixels = processor.video_processor(videos=paths, return_tensors="pt")["pixel_values_videos"].to(device)
+    def clips(split, kind, limit=None):
+        """The `kind` clips among the first `limit` of `split`, prepared as `evaluate` prepares them: the model
+        inputs, the vision hidden states `(B·T, P, C)`, the projector's tokens `(B, T, g², D)` and the answers."""
+        rows = _rows(data, split, limit, kind)
+        inputs = _prompts(processor, rows, data).to(device)
+        pixels = inputs["pixel_values_videos"]  # (B, T, 3, H, W)
         with torch.inference_mode():
             patches = vision_hidden_state(model.model.vision_tower, pixels.flatten(0, 1),
                                           model.config.vision_feature_layer)  # (B·T, P, C)
             projected = model.model.multi_modal_projector(patches)  # (B·T, g², D)
-        return patches, projected.unflatten(0, pixels.shape[:2]), labels  # projected: (B, T, g², D)
+        return inputs, patches, projected.unflatten(0, pixels.shape[:2]), [_answer(row) for row in rows]
 
-    patches, shape_train, shape_labels = tokens("train", "shape", fit_clips)
+    def llm_side(inputs):  # (B, N·D) the visual tokens the LLM receives, (B, D) its last state at the answer
+        with torch.inference_mode():
+            visual = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output  # (B, N, D)
+            state = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, -1]  # (B, D)
+        return visual.flatten(1), state
+
+    def halves(tokens):  # temporal pooling k = T/2: (B, T, g², D) → (B, 2·g²·D)
+        return tokens.unflatten(1, (2, -1)).mean(dim=2).flatten(1)
+
+    _, patches, shape_train, shape_labels = clips("train", "shape", fit_clips)
     centred = torch.nn.functional.normalize(patches - patches.mean(dim=(0, 1)), dim=-1)  # (F, P, C)
     cosine = centred @ centred.transpose(1, 2)  # (F, P, P)
     count = cosine.shape[-1]
@@ -288,31 +283,13 @@ def representation(model_dir: Path, data: Path, fit_clips: int = 1200, device: s
         "projector-output norm": shape_train.norm(dim=-1).mean().item(),
         "within-frame cosine": ((cosine.sum(dim=(1, 2)) - count) / (count * (count - 1))).mean().item(),
     }
-    _, shape_test, shape_test_labels = tokens("test", "shape")
+    _, _, shape_test, shape_test_labels = clips("test", "shape")
     report["probe shape"] = _linear_probe(shape_train[:, 0].flatten(1), shape_labels,
                                           shape_test[:, 0].flatten(1), shape_test_labels)
-
-    def halves(tokens):  # temporal pooling k = T/2: (B, T, g², D) → (B, 2·g²·D)
-        return tokens.unflatten(1, (2, -1)).mean(dim=2).flatten(1)
-
-    _, direction_train, direction_labels = tokens("train", "direction", fit_clips)
-    _, direction_test, direction_test_labels = tokens("test", "direction")
-    report["probe direction"] = _linear_probe(halves(direction_train), direction_labels, halves(direction_test),
-                                              direction_test_labels)
-
-    def llm_side(split, limit=None):  # (B, visual tokens · D) LLM input, (B, D) LLM state at the answer, labels
-        rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()][:limit]
-        rows = [row for row in rows if row["question_type"] == "direction"]
-        inputs = processor.apply_chat_template(
-            [_with_absolute_paths(row["messages"][:1], data) for row in rows], add_generation_prompt=True,
-            tokenize=True, return_dict=True, return_tensors="pt",
-            processor_kwargs={"padding": True, "padding_side": "left"}).to(device)
-        with torch.inference_mode():
-            visual = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output  # (B, N, D)
-            state = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, -1]  # (B, D)
-        return visual.flatten(1), state, [row["messages"][1]["content"][0]["text"] for row in rows]
-
-    (visual, state, labels), (visual_test, state_test, test_labels) = llm_side("train", fit_clips), llm_side("test")
+    train_inputs, _, direction_train, labels = clips("train", "direction", fit_clips)
+    test_inputs, _, direction_test, test_labels = clips("test", "direction")
+    report["probe direction"] = _linear_probe(halves(direction_train), labels, halves(direction_test), test_labels)
+    (visual, state), (visual_test, state_test) = llm_side(train_inputs), llm_side(test_inputs)
     report["probe direction, LLM input"] = _linear_probe(visual, labels, visual_test, test_labels)
     report["probe direction, LLM answer state"] = _linear_probe(state, labels, state_test, test_labels)
     return {key: round(value, 4) for key, value in report.items()}
@@ -344,6 +321,25 @@ def _linear_probe(train, train_labels, test, test_labels, weight_decay: float = 
 
 def _mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+def _rows(data: Path, split: str, limit: int | None = None, kind: str | None = None) -> list[dict]:
+    """The rows of `data/<split>.jsonl` (the first `limit`), of question type `kind` if given."""
+    rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()][:limit]
+    return [row for row in rows if kind in (None, row["question_type"])]
+
+
+def _answer(row: dict) -> str:
+    return row["messages"][1]["content"][0]["text"]
+
+
+def _prompts(processor, rows: list[dict], data: Path):
+    """The rows' questions with their videos, left-padded model inputs (`BatchFeature`), as at generation time."""
+    return processor.apply_chat_template(
+        [_with_absolute_paths(row["messages"][:1], data) for row in rows], add_generation_prompt=True, tokenize=True,
+        return_dict=True, return_tensors="pt",
+        processor_kwargs={"num_frames": processor.video_processor.num_frames, "padding": True, "padding_side": "left"},
+    )
 
 
 def _with_absolute_paths(messages: list[dict], root: Path) -> list[dict]:
@@ -517,9 +513,12 @@ def main(argv=None):
                "failed": []}
     lock = threading.Lock()
 
-    def record(key, value):
+    def record(key, value, run=None):  # results[key] updated with value, or value appended to results[key][run]
         with lock:
-            results[key].update(value)
+            if run is None:
+                results[key].update(value)
+            else:
+                results[key].setdefault(run, []).append(value)
             (output / "results.json").write_text(json.dumps(results, indent=1))
 
     towers = {}
@@ -544,16 +543,12 @@ def main(argv=None):
         if CONFIGS[name]["frames"] == 8:
             record("representation", {f"{name}-seed{seed}": representation(folder, data)})
             evaluation = evaluate(folder, shifted)
-            with lock:
-                results["shifted"].setdefault(f"{name}@s1", []).append({"seed": seed, **evaluation})
-                (output / "results.json").write_text(json.dumps(results, indent=1))
+            record("shifted", {"seed": seed, **evaluation}, run=f"{name}@s1")
             log(f"{name} seed {seed} shifted clips: accuracy {evaluation['accuracy']:.3f}")
         # (d): test-time temporal sampling s = 2 on the 32-frame clips (8 pooled frames at k = 4 → 4).
         for s in (1, 2) if CONFIGS[name]["frames"] > 8 else (1,):
             evaluation = evaluate(folder, data, temporal_sample_rate=s)
-            with lock:
-                results["evaluations"].setdefault(f"{name}@s{s}", []).append({"seed": seed, **evaluation})
-                (output / "results.json").write_text(json.dumps(results, indent=1))
+            record("evaluations", {"seed": seed, **evaluation}, run=f"{name}@s{s}")
             log(f"{name} seed {seed} s={s}: accuracy {evaluation['accuracy']:.3f}, temporal {evaluation['temporal']:.3f}")
         if args.export and (args.export[0], int(args.export[1])) == (name, seed):
             arguments = sys.argv[1:] if argv is None else argv
@@ -566,9 +561,9 @@ def main(argv=None):
     with ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(lambda pair: job(*pair), jobs))
     (output / "results.json").write_text(json.dumps(results, indent=1))
-    shifted_table = table({"evaluations": results["shifted"]})
-    (output / "results.md").write_text(f"{table(results)}\n\nShifted test clips:\n\n{shifted_table}\n")
-    print(table(results), "\nShifted test clips:", shifted_table, sep="\n")
+    tables = f"{table(results)}\n\nShifted test clips:\n\n{table({'evaluations': results['shifted']})}\n"
+    (output / "results.md").write_text(tables)
+    print(tables)
     log("done")
 
 

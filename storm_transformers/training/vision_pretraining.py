@@ -167,7 +167,7 @@ def pretrain_vision_tower(model, processor, max_steps: int = 1500, batch_size: i
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        with torch.no_grad():
+        with torch.no_grad():  # the patch head after this step's update
             accuracy = (heads.patch(hidden_states.detach()).argmax(-1) == targets[0]).float().mean()
         for name, value in {**losses, "patch accuracy": accuracy}.items():
             totals[name] = totals.get(name, 0.0) + value.item()
@@ -182,6 +182,28 @@ def pretrain_vision_tower(model, processor, max_steps: int = 1500, batch_size: i
     return history
 
 
+def pretrain_checkpoint(model_name_or_path, output_dir, overwrite: bool = False, **kwargs):
+    """Load the STORM in `model_name_or_path` (float32, on the GPU if there is one), run `pretrain_vision_tower` with
+    `kwargs` and write the whole model and its processor to `output_dir` (`write_checkpoint`: atomically).
+
+    Returns:
+        `(Path, list[dict])`: the output folder and the training log.
+
+    Raises:
+        What `write_checkpoint` and `pretrain_vision_tower` raise (an existing `output_dir` without `overwrite`).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import storm_transformers  # noqa: F401
+    from storm_transformers.conversion.checkpoint import write_checkpoint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=torch.float32).to(device)
+    processor = AutoProcessor.from_pretrained(model_name_or_path)
+    history = pretrain_vision_tower(model, processor, **kwargs)
+    return write_checkpoint(output_dir, model, processor, overwrite=overwrite), history
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Stage 0: train a STORM's vision tower on labelled synthetic frames "
                                      "(see the module docstring) and save the whole model.")
@@ -193,18 +215,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataloader_num_workers", type=int, default=4)
     args = parser.parse_args(argv)
-
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import storm_transformers  # noqa: F401
-    from storm_transformers.conversion.checkpoint import write_checkpoint
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=torch.float32).to(device)
-    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    pretrain_vision_tower(model, processor, args.max_steps, args.per_device_train_batch_size, args.learning_rate,
-                          args.seed, args.dataloader_num_workers)
-    return write_checkpoint(args.output_dir, model, processor)
+    return pretrain_checkpoint(
+        args.model_name_or_path, args.output_dir, max_steps=args.max_steps,
+        batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate, seed=args.seed,
+        num_workers=args.dataloader_num_workers)[0]
 
 
 if __name__ == "__main__":
