@@ -9,6 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from video_files import (
     frame_index,
     numbered_frames,
@@ -172,3 +173,38 @@ def test_decoding_with_pyavs_log_callback_on_does_not_hang(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(3, 64, 96, 3)"
+
+
+class _DecodingThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return decoding._decoding_threads()
+
+
+def test_dataloader_workers_decode_with_one_thread_each():
+    """Inside a DataLoader worker a video decodes with one thread (the workers are the parallelism); outside, with
+    the cores of the process."""
+    assert decoding._decoding_threads() == decoding.DECODE_THREADS
+    loader = torch.utils.data.DataLoader(_DecodingThreads(), num_workers=1, batch_size=None)
+    assert list(loader) == [1]
+
+
+@pytest.mark.parametrize(("height", "width", "threads"), [(64, 96, 1), (256, 320, 0)], ids=["small", "large"])
+def test_small_frames_decode_with_one_ffmpeg_thread(tmp_path, monkeypatch, height, width, threads):
+    """Frames under THREADED_DECODE_PIXELS decode with one FFmpeg thread (threads cost more than they save there);
+    larger ones with FFmpeg's default (0: as many as cores). The frames are the same either way."""
+    path = write_video(tmp_path / "clip.mp4", numbered_frames(12, height, width))
+    opened = []
+    original = decoding._open_container
+
+    def recording(data, name, threads=0):
+        opened.append(threads)
+        return original(data, name, threads)
+
+    monkeypatch.setattr(decoding, "DECODE_THREADS", 4)
+    monkeypatch.setattr(decoding, "_open_container", recording)
+    frames, _ = read_video_pyav(path, lambda metadata: np.arange(12))
+    assert opened[-1] == threads  # the container the frames were decoded from
+    assert [frame_index(frame) for frame in frames] == list(range(12))
