@@ -152,3 +152,15 @@ def test_shifted_clips_change_the_nuisances_not_the_questions():
         speeds.append(np.abs(move).max() / 7)
     assert radii == {6, 10}
     assert 2.8 < min(speeds) and max(speeds) < 4.2  # px per frame; the training clips move 4.5-5.5
+
+
+def test_question_weights_set_the_mix_of_a_split(tmp_path):
+    uniform = generate_dataset(tmp_path / "uniform", {"train": 30}, seed=5)["train"].read_text().splitlines()
+    weighted = generate_dataset(tmp_path / "weighted", {"train": 30}, seed=5,
+                                question_weights={"direction": 3, "count": 1})["train"].read_text().splitlines()
+    kinds = [json.loads(line)["question_type"] for line in weighted]
+    assert set(kinds) == {"direction", "count"} and kinds.count("direction") > kinds.count("count")
+    assert len({json.loads(line)["question_type"] for line in uniform}) > 2
+    for bad in ({"speed": 1}, {"direction": -1, "count": 2}, {"direction": 0}):
+        with pytest.raises(ValueError, match="question_weights"):
+            generate_dataset(tmp_path / "bad", {"train": 1}, question_weights=bad)

@@ -201,9 +201,11 @@ def write_mp4(path: Path, frames: np.ndarray) -> None:
 
 
 def _row(args) -> dict:
-    split_dir, seed, index, num_frames, shifted = args
+    split_dir, seed, index, num_frames, shifted, mix = args
     rng = np.random.default_rng([seed, index])
-    question_type = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
+    # uniform: `integers`, so that the uniform splits stay the clips they always were
+    kind = rng.integers(len(QUESTION_TYPES)) if mix is None else rng.choice(len(mix), p=mix)
+    question_type = QUESTION_TYPES[int(kind)]
     frames, question, answer = make_clip(question_type, rng, num_frames, shifted)
     relative = Path("videos") / split_dir.name / f"{index:06d}.mp4"
     write_mp4(split_dir.parent.parent / relative, frames)
@@ -218,7 +220,8 @@ def _row(args) -> dict:
 
 
 def generate_dataset(output_dir, sizes: dict[str, int], seed: int = 0, workers: int = 1,
-                     num_frames: int = NUM_FRAMES, shifted: bool = False) -> dict[str, Path]:
+                     num_frames: int = NUM_FRAMES, shifted: bool = False,
+                     question_weights: dict[str, float] | None = None) -> dict[str, Path]:
     """Write `sizes[split]` clips per split into `output_dir/videos/<split>/` and `output_dir/<split>.jsonl`.
 
     Args:
@@ -228,21 +231,35 @@ def generate_dataset(output_dir, sizes: dict[str, int], seed: int = 0, workers: 
         workers: processes that render and encode in parallel (the result does not depend on it).
         num_frames: frames per clip, a multiple of 8 (`make_clip`); the same seed tells the same stories.
         shifted: other nuisance factors (`make_clip`), for measuring generalisation.
+        question_weights: relative frequency of each question type (keys from `QUESTION_TYPES`, missing ones 0), e.g.
+            more of the types a model learns slowly in a training split; uniform when `None`.
 
     Returns:
         `dict[str, Path]`: the JSONL file of each split.
 
     Raises:
-        ValueError: an unknown split name; `num_frames` not a positive multiple of 8.
+        ValueError: an unknown split name; `num_frames` not a positive multiple of 8; unknown question types or
+            weights that are negative or all zero.
     """
     output_dir = Path(output_dir)
+    mix = None
+    if question_weights is not None:
+        unknown = set(question_weights) - set(QUESTION_TYPES)
+        weights = np.array([question_weights.get(kind, 0.0) for kind in QUESTION_TYPES], dtype=float)
+        if unknown or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(
+                f"question_weights {question_weights} must map question types {QUESTION_TYPES} to non-negative "
+                "weights, at least one of them positive."
+            )
+        mix = weights / weights.sum()
     files = {}
     for split, count in sizes.items():
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r}; use {list(SPLITS)}.")
         split_dir = output_dir / "videos" / split
         split_dir.mkdir(parents=True, exist_ok=True)
-        jobs = [(split_dir, seed * len(SPLITS) + SPLITS[split], index, num_frames, shifted) for index in range(count)]
+        stream = seed * len(SPLITS) + SPLITS[split]
+        jobs = [(split_dir, stream, index, num_frames, shifted, mix) for index in range(count)]
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
                 rows = list(pool.map(_row, jobs, chunksize=64))
