@@ -45,6 +45,9 @@ URL_TIMEOUT_S = 60
 # Threads that decode separate stretches of a long video at once (each opens its own container): the cores this
 # process may run on, at most 32. A stretch decoded alone gets them as FFmpeg decoding threads instead.
 DECODE_THREADS = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 32)
+# Frames smaller than this (coded width × height) decode with one FFmpeg thread: starting threads and filling the
+# frame-threading pipeline costs more than it saves (8 frames of 64×64 H.264: 4 ms with 1 thread, 9 ms with 16).
+THREADED_DECODE_PIXELS = 256 * 256
 # Frames normalised at once by `StormVideoProcessor._preprocess` (bounds the float32 temporaries).
 PREPROCESS_CHUNK = 64
 # A list of paths or URLs with these suffixes is one video given frame by frame.
@@ -657,8 +660,9 @@ def _split_by_keyframe(wanted: list[int], index: _FrameIndex, parts: int) -> lis
 
 def _display_geometry(data, name: str) -> tuple[int, int, str | None]:
     """(height, width) of the first frame as a player shows it, and the `_display_transform` that turns the stream's
-    frames upright (read once: a frame's `side_data` keeps the frame alive until Python's cycle collector runs)."""
-    with _open_container(data, name) as container:
+    frames upright (read once: a frame's `side_data` keeps the frame alive until Python's cycle collector runs). One
+    decoding thread: with frame threading the first frame would wait for a packet per thread."""
+    with _open_container(data, name, threads=1) as container:
         stream = container.streams.video[0]
         try:
             frame = next(iter(container.decode(stream)), None)
@@ -704,7 +708,7 @@ def read_video_pyav(
     """
     name = _describe(source)
     data = _load_source(source)
-    index, _ = _read_index(data, name)
+    index, (coded_height, coded_width) = _read_index(data, name)
     height, width, transform = _display_geometry(data, name)
     for _ in range(
         2
@@ -717,7 +721,11 @@ def read_video_pyav(
             raise ValueError(f"Frame indices {indices.tolist()} are outside the {index.count} frames of {name}.")
         wanted, inverse = np.unique(indices, return_inverse=True)  # decode each frame once, in stream order
         out = np.empty((len(wanted), *(size or (height, width)), 3), dtype=np.uint8)  # (T, H, W, 3)
-        concealed = _decode(data, name, index, wanted.tolist(), out, transform) if len(wanted) else set()
+        concealed = (
+            _decode(data, name, index, wanted.tolist(), out, transform, coded_height * coded_width)
+            if len(wanted)
+            else set()
+        )
         if concealed is not None:
             break
         index = _recount(data, name, index)
@@ -776,16 +784,29 @@ def _metadata(index: _FrameIndex, width: int, height: int) -> StormVideoMetadata
     )
 
 
-def _decode(data, name: str, index: _FrameIndex, wanted: list[int], out: np.ndarray, transform) -> set[int] | None:
+def _decoding_threads() -> int:
+    """Threads one video may decode with: `DECODE_THREADS`, or 1 inside a `torch.utils.data.DataLoader` worker, where
+    the workers are the parallelism (a 16-core machine running 16 workers that each start 16 FFmpeg threads per clip
+    spends its time switching threads)."""
+    return 1 if torch.utils.data.get_worker_info() is not None else DECODE_THREADS
+
+
+def _decode(
+    data, name: str, index: _FrameIndex, wanted: list[int], out: np.ndarray, transform, coded_pixels: int
+) -> set[int] | None:
     """Decode the frames at positions `wanted` into `out`; returns the positions of the frames decoded with
-    concealed errors, or None if a stream without timestamps did not decode to `index.count` frames."""
+    concealed errors, or None if a stream without timestamps did not decode to `index.count` frames. Long runs are
+    split into stretches decoded at once (`_decoding_threads`); one stretch decodes with FFmpeg's threads (0: as many
+    as cores) unless that is 1 or the frames (`coded_pixels`, width × height) are small."""
+    budget = _decoding_threads()
+    single = 1 if budget == 1 or coded_pixels < THREADED_DECODE_PIXELS else 0
     if index.pts is None:
-        with _open_container(data, name) as container:
+        with _open_container(data, name, single) as container:
             writer = _FrameWriter(out, transform)
             count = _decode_in_order(container, container.streams.video[0], wanted, writer, name)
         return writer.concealed if count == index.count else None
-    parts = _split_by_keyframe(wanted, index, DECODE_THREADS)
-    threads = max(1, DECODE_THREADS // len(parts)) if len(parts) > 1 else 0
+    parts = _split_by_keyframe(wanted, index, budget)
+    threads = max(1, budget // len(parts)) if len(parts) > 1 else single
 
     def decode(part) -> set[int]:
         start, positions = part
@@ -794,6 +815,8 @@ def _decode(data, name: str, index: _FrameIndex, wanted: list[int], out: np.ndar
             _decode_by_timestamp(container, container.streams.video[0], positions, index, writer, name)
         return writer.concealed
 
+    if len(parts) == 1:
+        return decode(parts[0])
     with ThreadPoolExecutor(len(parts)) as pool:  # PyAV releases the GIL while decoding
         return set().union(*pool.map(decode, parts))
 
