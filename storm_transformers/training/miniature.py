@@ -14,13 +14,12 @@ a random tiny STORM (a SigLIP-architecture encoder, the temporal encoder and a Q
 scratch, with the real Qwen2 tokenizer), puts that tower in, and trains it with the project's recipe (`sft.py`:
 stage 1 alignment, then SFT with the tower frozen; `--vision-steps 0` skips stage 0 and trains the tower end to end
 instead). Each run is evaluated with greedy answers on the test split by question type (32-frame configurations also
-with test-time temporal sampling s = 2), on shifted test clips (other backgrounds, shape sizes and speeds), and with
-linear probes of its visual tokens (`representation`), in processes of their own beside the training runs. Same data,
-steps and seeds for every row; the training split asks more of the question types learned late (`TRAIN_MIX`), the
-test split is uniform. On one H200 the five
-8-frame configurations of one seed take a little over 10 minutes (`--configs linear-k4 linear-k8 uni-k8 bi-k8 bi-k4
---parallel 5`); the 32-frame ones decode four times as many frames and take longer. Results: `<output>/results.json`
-and `<output>/results.md`; checkpoints under `<output>/runs/<config>-seed<seed>/sft`.
+with test-time temporal sampling s = 2), on shifted test clips (other backgrounds, shape sizes and speeds), with
+linear probes of its visual tokens (`representation`), and at `CURVE_POINTS` points along SFT on the validation split
+(per-type learning curves), in processes of their own beside the training runs. Same data, steps and seeds for every
+row; the training split asks more of the question types learned late (`TRAIN_MIX`), the test split is uniform. On one
+H200 (16 cores) the seven key configurations of one seed take 400–470 s (`--parallel 7`, the default). Results:
+`<output>/results.json` and `<output>/results.md`; checkpoints under `<output>/runs/<config>-seed<seed>/sft`.
 
 | config | temporal encoder | temporal pooling k | clip frames | paper's counterpart |
 |---|---|---|---|---|
@@ -66,6 +65,7 @@ DATA_SIZES = {"train": 6000, "validation": 300, "test": 600}
 # Question types of the training split, relative frequencies (the validation and test splits stay uniform): more of
 # the types whose answer the LLM learns late. Alone, `direction` needs ~550 SFT steps of 16 clips to leave its loss
 # plateau (docs/miniature-results/direction_only.py); a uniform sixth of 2000 steps gives it ~330.
+CURVE_POINTS = 8  # SFT checkpoints per run whose validation answers give the per-type learning curves
 TRAIN_MIX = {"direction": 3, "order": 2, "count": 2, "change": 1, "color": 1, "shape": 2}
 SHIFTED_DATA_SEED = 1000  # added to the data seed: the shifted test clips come from another seed stream
 LOAD_LOCK = threading.Lock()  # transformers' model building/loading is not safe from several threads at once
@@ -155,8 +155,9 @@ def pretrain_vision(output: Path, tokenizer_dir: Path, seed: int, steps: int, lo
 def train(name: str, seed: int, output: Path, data: Path, steps: dict, workers: int, log,
           train_vision_tower: bool = False) -> Path:
     """Stage 1 (alignment) then SFT with `python -m storm_transformers.training.sft` from `<run>/init`; returns the SFT
-    output folder. SFT keeps the vision tower frozen (`miniature_sft.yaml`: it comes from stage 0) unless
-    `train_vision_tower` (the recipe without stage 0, everything trained end to end)."""
+    output folder (the model, and `CURVE_POINTS` `checkpoint-<step>` folders for the learning curves). SFT keeps the
+    vision tower frozen (`miniature_sft.yaml`: it comes from stage 0) unless `train_vision_tower` (the recipe without
+    stage 0, everything trained end to end)."""
     run = output / "runs" / f"{name}-seed{seed}"
     previous = run / "init"
     for stage in ("alignment", "sft"):
@@ -172,6 +173,9 @@ def train(name: str, seed: int, output: Path, data: Path, steps: dict, workers: 
             "--dataloader_num_workers", str(workers),
             "--num_frames", str(CONFIGS[name]["frames"]),
         ]
+        if stage == "sft":  # the model every CURVE_POINTS-th of the way: `curves` evaluates them
+            every = max(1, steps[stage] // CURVE_POINTS)
+            command += ["--save_strategy", "steps", "--save_steps", str(every), "--save_only_model", "true"]
         if stage == "sft" and train_vision_tower:
             command += ["--trainable_modules", "vision_tower", "multi_modal_projector", "temporal_encoder",
                         "language_model"]
@@ -185,6 +189,12 @@ def train(name: str, seed: int, output: Path, data: Path, steps: dict, workers: 
         log(f"{name} seed {seed}: {stage} done in {time.perf_counter() - start:.0f} s")
         previous = out
     return previous
+
+
+def checkpoints(sft_dir: Path) -> list[tuple[int, Path]]:
+    """`(step, folder)` of the SFT run's intermediate models (`checkpoint-<step>`), in step order."""
+    found = [(int(folder.name.rsplit("-", 1)[1]), folder) for folder in sft_dir.glob("checkpoint-*")]
+    return sorted(found)
 
 
 def _evaluation_process(threads: int) -> None:
@@ -478,6 +488,9 @@ def export(run_dir: Path, results: dict, name: str, seed: int, output_dir: Path,
 
 
 def main(argv=None):
+    """The experiment of the module docstring, with command-line arguments `argv` (`sys.argv[1:]` when None). The
+    evaluations run in spawned processes, which import the caller's `__main__` module again: call `main` from a script
+    under `if __name__ == "__main__":`, as Python's `multiprocessing` requires."""
     parser = argparse.ArgumentParser(description="Train and evaluate the miniature STORMs (see the module docstring).")
     parser.add_argument("--output", default="runs/miniature")
     parser.add_argument("--tokenizer", default="assets/tokenizer", help="folder with ggml-vocab-qwen2.gguf or tokenizer.json")
@@ -531,7 +544,7 @@ def main(argv=None):
     steps = {"alignment": args.alignment_steps, "sft": args.sft_steps}
     workers = max(1, (os.cpu_count() or 2) // args.parallel)
     results = {"args": vars(args), "evaluations": {}, "shifted": {}, "representation": {}, "vision pretraining": {},
-               "failed": []}
+               "curves": {}, "failed": []}
     lock = threading.Lock()
 
     def record(key, value, run=None):  # results[key] updated with value, or value appended to results[key][run]
@@ -567,12 +580,18 @@ def main(argv=None):
         # (d): test-time temporal sampling s = 2 on the 32-frame clips (8 pooled frames at k = 4 → 4).
         rates = (1, 2) if CONFIGS[name]["frames"] > 8 else (1,)
         tests = {s: evaluator.submit(evaluate, folder, data, temporal_sample_rate=s) for s in rates}
+        # learning curves: accuracy and answer loss by question type on the validation split along SFT
+        curve = [(step, evaluator.submit(evaluate, checkpoint, data, "validation")) for step, checkpoint in
+                 checkpoints(folder)]
         if CONFIGS[name]["frames"] == 8:
             probe = evaluator.submit(representation, folder, data)
             on_shifted = evaluator.submit(evaluate, folder, shifted)
             record("representation", {f"{name}-seed{seed}": probe.result()})
             record("shifted", {"seed": seed, **on_shifted.result()}, run=f"{name}@s1")
             log(f"{name} seed {seed} shifted clips: accuracy {on_shifted.result()['accuracy']:.3f}")
+        record("curves", {f"{name}-seed{seed}": [
+            {"step": step, "by type": points.result()["by type"],
+             "answer loss by type": points.result()["answer loss by type"]} for step, points in curve]})
         for s, evaluation in tests.items():
             evaluation = evaluation.result()
             record("evaluations", {"seed": seed, **evaluation}, run=f"{name}@s{s}")
