@@ -1,5 +1,7 @@
 """Pieces of the miniature experiment (storm_transformers/training/miniature.py) that run without a GPU."""
 
+import pytest
+
 from storm_transformers.training.miniature import checkpoints
 
 
@@ -8,3 +10,28 @@ def test_learning_curve_checkpoints_come_in_step_order(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "model.safetensors").touch()
     assert checkpoints(tmp_path) == [(step, tmp_path / f"checkpoint-{step}") for step in (250, 500, 1000, 2000)]
+
+
+def test_clips_are_generated_once_and_never_reused_for_other_arguments(tmp_path, monkeypatch):
+    from storm_transformers.training import miniature, synthetic
+
+    folder = tmp_path / "data"
+    uniform = [{"sizes": {"test": 2}, "seed": 0}]
+    weighted = [{"sizes": {"train": 2}, "seed": 0, "question_weights": {"direction": 1}}]
+    assert miniature.prepare_data(folder, uniform) == folder
+    with monkeypatch.context() as patch:  # the same arguments again: nothing is generated
+        patch.setattr(synthetic, "generate_dataset", lambda *args, **kwargs: pytest.fail("generated again"))
+        assert miniature.prepare_data(folder, uniform) == folder
+    with pytest.raises(ValueError, match="holds clips generated with .* but this run asks for"):
+        miniature.prepare_data(folder, weighted)
+    (folder / "datasets.json").unlink()  # as after an interrupted generation: generated again
+    miniature.prepare_data(folder, weighted)
+    assert (folder / "train.jsonl").read_text().count('"question_type": "direction"') == 2
+
+
+def test_train_mix_argument_is_type_equals_weight(capsys):
+    from storm_transformers.training import miniature
+
+    with pytest.raises(SystemExit):
+        miniature.main(["--train-mix", "direction"])
+    assert "'direction' is not TYPE=WEIGHT" in capsys.readouterr().err

@@ -17,9 +17,11 @@ instead). Each run is evaluated with greedy answers on the test split by questio
 with test-time temporal sampling s = 2), on shifted test clips (other backgrounds, shape sizes and speeds), with
 linear probes of its visual tokens (`representation`), and at `CURVE_POINTS` points along SFT on the validation split
 (per-type learning curves), in processes of their own beside the training runs. Same data, steps and seeds for every
-row; the training split asks more of the question types learned late (`TRAIN_MIX`), the test split is uniform. On one
-H200 (16 cores) the seven key configurations of one seed take 400–470 s (`--parallel 7`, the default). Results:
-`<output>/results.json` and `<output>/results.md`; checkpoints under `<output>/runs/<config>-seed<seed>/sft`.
+row; the training split asks more of the question types learned late (`TRAIN_MIX`, `--train-mix`), the test split
+is uniform. On one H200 (16 cores) the seven key configurations of one seed take 400–470 s (`--parallel 7`, the
+default). Results: `<output>/results.json` and `<output>/results.md`; checkpoints under
+`<output>/runs/<config>-seed<seed>/sft`; the clips under `<output>/data*`, reused by a later run with the same data
+arguments.
 
 | config | temporal encoder | temporal pooling k | clip frames | paper's counterpart |
 |---|---|---|---|---|
@@ -138,6 +140,41 @@ def build_initial(output_dir: Path, tokenizer_dir: Path, name: str, seed: int, v
             raise ValueError(f"The vision tower in {vision_tower} does not match configuration {name!r}.")
         save_file({**weights, **tower}, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+def prepare_data(folder: Path, datasets: list[dict]) -> Path:
+    """`folder` filled by `synthetic.generate_dataset(folder, **arguments)` for each `arguments` of `datasets`, once:
+    the arguments are recorded in `folder/datasets.json` (written last, so an interrupted generation starts again), and
+    a later run with the same arguments reuses the clips.
+
+    Raises:
+        ValueError: `folder` holds clips generated with other arguments (another `--train-mix`, size or data seed
+            under the same `--output`).
+    """
+    from .synthetic import generate_dataset
+
+    record = folder / "datasets.json"
+    if record.exists():
+        made = json.loads(record.read_text())
+        if made != datasets:
+            raise ValueError(
+                f"{folder} holds clips generated with {made}, but this run asks for {datasets}. Choose another "
+                f"--output, or delete {folder} to generate them again."
+            )
+        return folder
+    for arguments in datasets:
+        generate_dataset(folder, workers=os.cpu_count(), **arguments)
+    record.write_text(json.dumps(datasets))
+    return folder
+
+
+def _question_weight(text: str) -> tuple[str, float]:
+    """`TYPE=WEIGHT` of `--train-mix`, e.g. `direction=3`."""
+    kind, _, weight = text.partition("=")
+    try:
+        return kind, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TYPE=WEIGHT (e.g. direction=3)") from None
 
 
 def pretrain_vision(output: Path, tokenizer_dir: Path, seed: int, steps: int, log) -> tuple[Path, list[dict]]:
@@ -467,7 +504,8 @@ def export(run_dir: Path, results: dict, name: str, seed: int, output_dir: Path,
             "`vision_pretraining.py`); stage 1 (alignment: projector and temporal encoder, "
             f"{results['args']['alignment_steps']} steps), then SFT of everything but the frozen vision tower "
             f"({results['args']['sft_steps']} steps), batch 16, on {results['args']['train_size']} synthetic 8-frame "
-            f"64×64 clips (data seed {results['args']['data_seed']}; question types in the proportions {TRAIN_MIX}). "
+            f"64×64 clips (data seed {results['args']['data_seed']}; question types in the proportions "
+            f"{dict(results['args']['train_mix'])}). "
             "See docs/miniature.md for every configuration."
         ),
         limits=(
@@ -503,6 +541,9 @@ def main(argv=None):
                         help="stage 0 steps (128 frames each); 0: no stage 0, the tower is trained end to end in SFT")
     parser.add_argument("--alignment-steps", type=int, default=100)
     parser.add_argument("--sft-steps", type=int, default=2000)
+    parser.add_argument("--train-mix", nargs="+", type=_question_weight, default=list(TRAIN_MIX.items()),
+                        metavar="TYPE=WEIGHT", help="relative frequency of each question type in the training split "
+                        "(types left out: none); default: TRAIN_MIX")
     parser.add_argument("--parallel", type=int, default=7, help="training runs at once (CPU-bound: about 2 cores each)")
     parser.add_argument("--export", nargs=3, metavar=("CONFIG", "SEED", "DIR"), help="write that run as a checkpoint")
     args = parser.parse_args(argv)
@@ -511,8 +552,6 @@ def main(argv=None):
 
     from storm_transformers import kernels
     from storm_transformers.conversion.assets import QWEN2_GGUF
-    from storm_transformers.training.synthetic import generate_dataset
-
     kernels.COMPILE_VISION_TOWER = False  # a 4-layer tower gains nothing, and runs evaluate from several threads
 
     output = Path(args.output)
@@ -528,19 +567,19 @@ def main(argv=None):
         if not (converted / "tokenizer.json").exists():
             AutoTokenizer.from_pretrained(tokenizer_dir, gguf_file=QWEN2_GGUF).save_pretrained(converted)
         tokenizer_dir = converted
+    train_mix = dict(args.train_mix)
     datasets = {}
     for frames in sorted({CONFIGS[name]["frames"] for name in args.configs} | {8}):  # the probes read 8-frame clips
-        datasets[frames] = output / ("data" if frames == 8 else f"data-{frames}f")
-        if not (datasets[frames] / "test.jsonl").exists():
-            common = {"seed": args.data_seed, "workers": os.cpu_count(), "num_frames": frames}
-            generate_dataset(datasets[frames], {"train": args.train_size}, question_weights=TRAIN_MIX, **common)
-            generate_dataset(datasets[frames], {"validation": DATA_SIZES["validation"], "test": args.test_size},
-                             **common)
+        datasets[frames] = prepare_data(output / ("data" if frames == 8 else f"data-{frames}f"), [
+            {"sizes": {"train": args.train_size}, "seed": args.data_seed, "num_frames": frames,
+             "question_weights": train_mix},
+            {"sizes": {"validation": DATA_SIZES["validation"], "test": args.test_size}, "seed": args.data_seed,
+             "num_frames": frames},
+        ])
         log(f"{frames}-frame clips in {datasets[frames]}")
-    shifted = output / "data-shifted"  # item 5 of the generalisation check: another seed stream, other nuisances
-    if not (shifted / "test.jsonl").exists():
-        generate_dataset(shifted, {"test": args.test_size}, seed=args.data_seed + SHIFTED_DATA_SEED,
-                         workers=os.cpu_count(), shifted=True)
+    # item 5 of the generalisation check: another seed stream, other nuisances
+    shifted = prepare_data(output / "data-shifted", [
+        {"sizes": {"test": args.test_size}, "seed": args.data_seed + SHIFTED_DATA_SEED, "shifted": True}])
     steps = {"alignment": args.alignment_steps, "sft": args.sft_steps}
     workers = max(1, (os.cpu_count() or 2) // args.parallel)
     results = {"args": vars(args), "evaluations": {}, "shifted": {}, "representation": {}, "vision pretraining": {},
