@@ -1,8 +1,12 @@
 """Pieces of the miniature experiment (storm_transformers/training/miniature.py) that run without a GPU."""
 
+from pathlib import Path
+
 import pytest
 
 from storm_transformers.training.miniature import checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_learning_curve_checkpoints_come_in_step_order(tmp_path):
@@ -35,3 +39,17 @@ def test_train_mix_argument_is_type_equals_weight(capsys):
     with pytest.raises(SystemExit):
         miniature.main(["--train-mix", "direction"])
     assert "'direction' is not TYPE=WEIGHT" in capsys.readouterr().err
+
+
+def test_probes_leave_out_a_question_type_the_training_mix_lacks(tmp_path):
+    """`representation` on the shipped miniature, with a training split of direction clips only (`--train-mix
+    direction=1`): the direction probes are measured, the shape ones (no shape clip to fit on) are left out."""
+    from storm_transformers.training import miniature
+
+    data = miniature.prepare_data(tmp_path / "data", [
+        {"sizes": {"train": 12}, "seed": 0, "question_weights": {"direction": 1}},
+        {"sizes": {"test": 30}, "seed": 0},
+    ])
+    report = miniature.representation(REPO / "checkpoints" / "storm-tiny-synthetic", data, device="cpu")
+    assert set(report) == {"probe direction", "probe direction, LLM input", "probe direction, LLM answer state"}
+    assert all(0 <= value <= 1 for value in report.values())

@@ -306,7 +306,8 @@ def representation(model_dir: Path, data: Path, fit_clips: int = 1200, device: s
       where the answer is generated (the prompt's last position): where the direction is lost, if it is.
 
     Probes are fitted on the `shape` / `direction` clips among the first `fit_clips` training clips and scored on
-    those of the test split."""
+    those of the test split; the norms and the cosine are measured on those `shape` clips. Where either split has no
+    clip of a type (a `--train-mix` without it), the entries that need it are left out."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -339,24 +340,28 @@ def representation(model_dir: Path, data: Path, fit_clips: int = 1200, device: s
     def halves(tokens):  # temporal pooling k = T/2: (B, T, g², D) → (B, 2·g²·D)
         return tokens.unflatten(1, (2, -1)).mean(dim=2).flatten(1)
 
-    _, patches, shape_train, shape_labels = clips("train", "shape", fit_clips)
-    centred = torch.nn.functional.normalize(patches - patches.mean(dim=(0, 1)), dim=-1)  # (F, P, C)
-    cosine = centred @ centred.transpose(1, 2)  # (F, P, P)
-    count = cosine.shape[-1]
-    report = {
-        "vision-token norm": patches.norm(dim=-1).mean().item(),
-        "projector-output norm": shape_train.norm(dim=-1).mean().item(),
-        "within-frame cosine": ((cosine.sum(dim=(1, 2)) - count) / (count * (count - 1))).mean().item(),
-    }
-    _, _, shape_test, shape_test_labels = clips("test", "shape")
-    report["probe shape"] = _linear_probe(shape_train[:, 0].flatten(1), shape_labels,
-                                          shape_test[:, 0].flatten(1), shape_test_labels)
-    train_inputs, _, direction_train, labels = clips("train", "direction", fit_clips)
-    test_inputs, _, direction_test, test_labels = clips("test", "direction")
-    report["probe direction"] = _linear_probe(halves(direction_train), labels, halves(direction_test), test_labels)
-    (visual, state), (visual_test, state_test) = llm_side(train_inputs), llm_side(test_inputs)
-    report["probe direction, LLM input"] = _linear_probe(visual, labels, visual_test, test_labels)
-    report["probe direction, LLM answer state"] = _linear_probe(state, labels, state_test, test_labels)
+    def available(kind):  # fit and test clips of this question type exist (a --train-mix may leave a type out)
+        return bool(_rows(data, "train", fit_clips, kind)) and bool(_rows(data, "test", None, kind))
+
+    report = {}
+    if available("shape"):
+        _, patches, shape_train, shape_labels = clips("train", "shape", fit_clips)
+        centred = torch.nn.functional.normalize(patches - patches.mean(dim=(0, 1)), dim=-1)  # (F, P, C)
+        cosine = centred @ centred.transpose(1, 2)  # (F, P, P)
+        count = cosine.shape[-1]
+        report["vision-token norm"] = patches.norm(dim=-1).mean().item()
+        report["projector-output norm"] = shape_train.norm(dim=-1).mean().item()
+        report["within-frame cosine"] = ((cosine.sum(dim=(1, 2)) - count) / (count * (count - 1))).mean().item()
+        _, _, shape_test, shape_test_labels = clips("test", "shape")
+        report["probe shape"] = _linear_probe(shape_train[:, 0].flatten(1), shape_labels,
+                                              shape_test[:, 0].flatten(1), shape_test_labels)
+    if available("direction"):
+        train_inputs, _, direction_train, labels = clips("train", "direction", fit_clips)
+        test_inputs, _, direction_test, test_labels = clips("test", "direction")
+        report["probe direction"] = _linear_probe(halves(direction_train), labels, halves(direction_test), test_labels)
+        (visual, state), (visual_test, state_test) = llm_side(train_inputs), llm_side(test_inputs)
+        report["probe direction, LLM input"] = _linear_probe(visual, labels, visual_test, test_labels)
+        report["probe direction, LLM answer state"] = _linear_probe(state, labels, state_test, test_labels)
     return {key: round(value, 4) for key, value in report.items()}
 
 
