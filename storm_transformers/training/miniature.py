@@ -64,10 +64,10 @@ CONFIGS = {
 }
 KEY_CONFIGS = ("linear-k4", "linear-k8", "uni-k8", "bi-k8", "bi-k4", "linear-k4-32f", "bi-k4-32f")
 DATA_SIZES = {"train": 6000, "validation": 300, "test": 600}
+CURVE_POINTS = 8  # SFT checkpoints per run whose validation answers give the per-type learning curves
 # Question types of the training split, relative frequencies (the validation and test splits stay uniform): more of
 # the types whose answer the LLM learns late. Alone, `direction` needs ~550 SFT steps of 16 clips to leave its loss
 # plateau (docs/miniature-results/direction_only.py); a uniform sixth of 2000 steps gives it ~330.
-CURVE_POINTS = 8  # SFT checkpoints per run whose validation answers give the per-type learning curves
 TRAIN_MIX = {"direction": 3, "order": 2, "count": 2, "change": 1, "color": 1, "shape": 2}
 SHIFTED_DATA_SEED = 1000  # added to the data seed: the shifted test clips come from another seed stream
 LOAD_LOCK = threading.Lock()  # transformers' model building/loading is not safe from several threads at once
@@ -210,12 +210,12 @@ def train(name: str, seed: int, output: Path, data: Path, steps: dict, workers: 
             "--dataloader_num_workers", str(workers),
             "--num_frames", str(CONFIGS[name]["frames"]),
         ]
-        if stage == "sft":  # the model every CURVE_POINTS-th of the way: `curves` evaluates them
+        if stage == "sft":  # the model every CURVE_POINTS-th of the way, for the learning curves
             every = max(1, steps[stage] // CURVE_POINTS)
             command += ["--save_strategy", "steps", "--save_steps", str(every), "--save_only_model", "true"]
-        if stage == "sft" and train_vision_tower:
-            command += ["--trainable_modules", "vision_tower", "multi_modal_projector", "temporal_encoder",
-                        "language_model"]
+            if train_vision_tower:
+                command += ["--trainable_modules", "vision_tower", "multi_modal_projector", "temporal_encoder",
+                            "language_model"]
         start = time.perf_counter()
         # Runs share the machine's cores: one intra-op thread each (the GPU does the math; the workers decode).
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -557,7 +557,8 @@ def main(argv=None):
 
     from storm_transformers import kernels
     from storm_transformers.conversion.assets import QWEN2_GGUF
-    kernels.COMPILE_VISION_TOWER = False  # a 4-layer tower gains nothing, and runs evaluate from several threads
+
+    kernels.COMPILE_VISION_TOWER = False  # a 4-layer tower gains nothing (also set by `_evaluation_process`)
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -629,13 +630,14 @@ def main(argv=None):
                  checkpoints(folder)]
         if CONFIGS[name]["frames"] == 8:
             probe = evaluator.submit(representation, folder, data)
-            on_shifted = evaluator.submit(evaluate, folder, shifted)
+            on_shifted = evaluator.submit(evaluate, folder, shifted).result()
             record("representation", {f"{name}-seed{seed}": probe.result()})
-            record("shifted", {"seed": seed, **on_shifted.result()}, run=f"{name}@s1")
-            log(f"{name} seed {seed} shifted clips: accuracy {on_shifted.result()['accuracy']:.3f}")
+            record("shifted", {"seed": seed, **on_shifted}, run=f"{name}@s1")
+            log(f"{name} seed {seed} shifted clips: accuracy {on_shifted['accuracy']:.3f}")
+        points = [(step, future.result()) for step, future in curve]
         record("curves", {f"{name}-seed{seed}": [
-            {"step": step, "by type": points.result()["by type"],
-             "answer loss by type": points.result()["answer loss by type"]} for step, points in curve]})
+            {"step": step, "by type": point["by type"], "answer loss by type": point["answer loss by type"]}
+            for step, point in points]})
         for s, evaluation in tests.items():
             evaluation = evaluation.result()
             record("evaluations", {"seed": seed, **evaluation}, run=f"{name}@s{s}")
