@@ -12,7 +12,9 @@ Which one runs is decided in one place, `StormMambaMixer._scan`: mamba_ssm when 
 tensors when `temporal_encoder_config.use_mamba_kernels` is on; the torch spec otherwise.
 
 Also here: the regional compilation of the vision tower's layers (`vision_layer_runner`, on by default for CUDA
-inference) and an opt-in FP8 conversion of linears for inference on Hopper GPUs (`quantize_linears_fp8`).
+inference), the LLM's attention for decode steps (`gqa_decode_attention`, registered with transformers'
+`AttentionInterface` as `GQA_DECODE_ATTENTION`; `load_storm`'s default) and an opt-in FP8 conversion of linears for
+inference on Hopper GPUs (`quantize_linears_fp8`).
 """
 
 import functools
@@ -168,6 +170,82 @@ def _compiled_or_eager(layer, hidden_states):
         warnings.warn(f"Compiling the vision tower's layers failed ({type(error).__name__}: {error}); running them "
                       "eagerly (storm_transformers.kernels.COMPILE_VISION_TOWER = False).", stacklevel=2)
         return run_vision_layer(layer, hidden_states)
+
+
+# ---------------------------------------------------------------- LLM attention: decode steps of grouped-query attention
+
+# The name under which `gqa_decode_attention` is registered with transformers' `AttentionInterface`.
+GQA_DECODE_ATTENTION = "sdpa_gqa_decode"
+# Queries per sequence up to which a step counts as decoding (one new token; a few with assisted decoding).
+DECODE_QUERY_LENGTH = 16
+# Parts the KV length is split into for the product of the attention weights and the values (split-K).
+DECODE_SPLITS = 32
+
+
+def gqa_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' `sdpa_attention_forward`, except for decode steps of grouped-query attention, computed per
+    key/value head: the `G` query heads that share a key/value head are read as `G × q` queries of that head.
+
+    Why: with a mask (a static KV cache always passes one), transformers' SDPA path copies each layer's cached keys
+    and values `G` times (`repeat_kv`; Qwen2-7B: G = 7) and SDPA's kernels parallelise over query blocks, of which a
+    decode step has one per head. Here the cache is read once: the scores by one batched product per key/value head,
+    the weighted sum of the values by `DECODE_SPLITS` products per head over parts of the cache, then summed (split-K,
+    as flash-decoding splits the cache), so that both products fill the GPU. The result is SDPA's (softmax in
+    float32, as transformers' eager attention), to bf16 rounding.
+
+    Args (transformers' attention-function interface, `AttentionInterface`):
+        query (`torch.Tensor` of shape `(batch, heads, q, head_dim)`), key / value (`(batch, kv_heads, kv_length,
+        head_dim)`), attention_mask (boolean, True = attend, or additive float, `(batch or 1, 1, q, ≥ kv_length)`;
+        or None), dropout, scaling (default `head_dim ** -0.5`).
+
+    Returns:
+        `(attn_output (batch, q, heads, head_dim), None)`.
+
+    Decoding is `q ≤ DECODE_QUERY_LENGTH` with `heads > kv_heads`, a mask (or a single query), no dropout and no
+    extra scores (attention sinks, position bias); anything else, prefill and training included, is
+    `sdpa_attention_forward` itself.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, head_dim = query.shape
+    kv_heads, kv_length = key.shape[1], key.shape[2]
+    extra_scores = any(kwargs.get(name) is not None for name in ("s_aux", "position_bias"))
+    causal_without_mask = attention_mask is None and length > 1  # sdpa's is_causal: a prompt, not a decode step
+    if length > DECODE_QUERY_LENGTH or heads == kv_heads or dropout or extra_scores or causal_without_mask:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    rows = heads // kv_heads * length  # G·q queries per key/value head; head h reads kv head h // G, as repeat_kv
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    grouped = query.reshape(batch, kv_heads, rows, head_dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)).float() * scaling  # (batch, kv_heads, G·q, kv_length)
+    if attention_mask is not None:
+        mask = attention_mask[..., :kv_length]  # (batch or 1, 1, q, kv_length)
+        mask = mask[:, :, None].expand(-1, -1, rows // length, -1, -1).reshape(mask.shape[0], 1, rows, kv_length)
+        # the float32 minimum, not -inf, as transformers' eager attention: a fully masked row (a padded query) is not NaN
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    weights = torch.softmax(scores, dim=-1).to(value.dtype)
+    pad = -kv_length % DECODE_SPLITS  # zero weights on zero values: nothing added
+    if pad:
+        weights, value = F.pad(weights, (0, pad)), F.pad(value, (0, 0, 0, pad))
+    part = (kv_length + pad) // DECODE_SPLITS
+    weights = weights.view(batch, kv_heads, rows, DECODE_SPLITS, part).transpose(2, 3)  # (.., splits, G·q, part)
+    parts = torch.matmul(weights, value.view(batch, kv_heads, DECODE_SPLITS, part, head_dim))  # (.., splits, G·q, d)
+    output = parts.sum(dim=2, dtype=torch.float32).to(value.dtype)  # (batch, kv_heads, G·q, head_dim)
+    return output.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Register `gqa_decode_attention` with transformers' `AttentionInterface` as `GQA_DECODE_ATTENTION`, with SDPA's
+    masks (`AttentionMaskInterface`; a name without a mask function gets no mask at all), so that any transformers
+    model can use it: `attn_implementation="sdpa_gqa_decode"`. Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_DECODE_ATTENTION, gqa_decode_attention)
+    AttentionMaskInterface.register(GQA_DECODE_ATTENTION, sdpa_mask)
 
 
 # ---------------------------------------------------------------- FP8 linears (opt-in, inference)

@@ -25,6 +25,8 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from .kernels import GQA_DECODE_ATTENTION
+
 CONFIG = "config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -33,6 +35,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 LOADING_PROBLEMS = {"missing": "missing_keys", "unexpected": "unexpected_keys", "mis-shaped": "mismatched_keys"}
+# `load_storm`'s attention when none is asked for: transformers' default (SDPA) everywhere, except that the LLM's
+# decode steps read its grouped-query KV cache once per key/value head (kernels.gqa_decode_attention).
+DEFAULT_ATTENTION = {"text_config": GQA_DECODE_ATTENTION}
 
 
 @contextmanager
@@ -92,7 +97,10 @@ def load_storm(path: str | os.PathLike, *, dtype="auto", device=None, attn_imple
         dtype: `"auto"` (the checkpoint's), `"float32"`, `"bfloat16"`, `"float16"` or a `torch.dtype`.
         device: where to put the model (`"cpu"`, `"cuda"`, `"cuda:1"`, `"mps"`, a `torch.device`); None keeps it on
             the CPU.
-        attn_implementation: as `from_pretrained` (`"sdpa"`, `"eager"`, `"flash_attention_2"`); None: transformers'.
+        attn_implementation: as `from_pretrained` (`"sdpa"`, `"eager"`, `"flash_attention_2"`, or a dict by
+            sub-config); None: `DEFAULT_ATTENTION`, SDPA with the LLM's decode steps computed per key/value head
+            (`kernels.gqa_decode_attention`: the same result; 111 → 135 tokens/s on an H200 at 128 frames,
+            docs/benchmarks.md).
 
     Returns:
         `(StormForConditionalGeneration, StormProcessor)`, the model in eval mode.
@@ -118,7 +126,7 @@ def load_storm(path: str | os.PathLike, *, dtype="auto", device=None, attn_imple
                 folder,
                 dtype=dtype,
                 use_safetensors=True,
-                attn_implementation=attn_implementation,
+                attn_implementation=DEFAULT_ATTENTION if attn_implementation is None else attn_implementation,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # mis-shaped keys: listed by our error below
             )

@@ -79,13 +79,19 @@ LOAD_WITHOUT_STORM = textwrap.dedent(
         inputs = processor(text=prompt, videos=[frames], do_sample_frames=False, return_tensors="pt")
         with torch.no_grad():
             tokens = model.generate(**inputs, max_new_tokens=job["new_tokens"], do_sample=False)[0].tolist()
+        # the LLM's decode attention that load_storm picks, registered by the folder's own modeling code
+        attention = {"text_config": "sdpa_gqa_decode"}
+        fast = AutoModelForImageTextToText.from_pretrained(
+            folder, trust_remote_code=True, attn_implementation=attention)
+        with torch.no_grad():
+            fast_tokens = fast.eval().generate(**inputs, max_new_tokens=job["new_tokens"], do_sample=False)[0].tolist()
         try:
             processor.video_processor([job["video"]])
             error = None
         except ImportError as exception:
             error = str(exception)
         classes = [type(model).__module__, type(processor).__module__, type(processor.video_processor).__module__]
-        results[folder] = {"tokens": tokens, "classes": classes, "decode_error": error}
+        results[folder] = {"tokens": tokens, "fast_tokens": fast_tokens, "classes": classes, "decode_error": error}
     imported = sorted(name for name in sys.modules if name.split(".")[0] in job["hidden"])
     print(json.dumps({"not_found": not_found, "imported": imported, "results": results}))
     """
@@ -238,6 +244,7 @@ def test_folders_load_and_generate_without_storm_and_without_pyav(
         loaded = report["results"][str(folder)]
         assert all(module.startswith("transformers_modules.") for module in loaded["classes"]), loaded["classes"]
         assert loaded["tokens"] == generate_with_our_classes(folder, frames), folder
+        assert loaded["fast_tokens"] == loaded["tokens"], folder
         assert "needs PyAV, which is not installed: `pip install av`" in loaded["decode_error"]
 
 

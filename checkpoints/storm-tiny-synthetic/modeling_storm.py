@@ -26,7 +26,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_storm import StormConfig
-from .kernels import vision_layer_runner
+from .kernels import register_attention, vision_layer_runner
 from .temporal_encoder import StormTemporalEncoder
 
 try:  # transformers >= 5.24: the multimodal outputs (with `image_outputs` / `video_outputs`) and the name `cache`
@@ -40,6 +40,10 @@ except ImportError:  # transformers 5.17-5.23
 # (the old name still works there, with a deprecation warning). STORM passes and returns the cache under the name the
 # installed transformers uses, so it warns about nothing on 5.24 and still works on 5.17-5.23.
 CACHE_NAME = "cache" if "cache" in _CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# `attn_implementation="sdpa_gqa_decode"` (kernels.gqa_decode_attention: SDPA, with decode steps read per key/value
+# head), also where this file runs as a saved checkpoint's code; `load_storm` picks it for the LLM.
+register_attention()
 
 
 def accepts_legacy_cache_name(forward):
