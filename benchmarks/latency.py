@@ -26,9 +26,13 @@ Sections (pick with --sections; all GPU sections by default, in this order):
 - `peers`: STORM 4× (k=4), STORM 1× (no compression) and transformers' LLaVA-OneVision-7B (eager, its default;
   and with its SigLIP layers compiled as STORM's are) on 128 frames, measured in turn, --rounds times in one run;
   each ratio is given as the median over the rounds with its min-max spread.
-- `decode`: decode speed at batch 1 after a 128-frame k=4 prefill with the dynamic cache (transformers' default) and
-  with the static cache (`cache_implementation="static"`, which `storm generate` uses on a GPU; transformers then
-  compiles the decode step with CUDA graphs): first call (compilation included) and warm ms/token.
+- `decode`: decode speed at batch 1 after a 128-frame k=4 prefill: with transformers' SDPA, the dynamic cache
+  (transformers' default), the static cache (`cache_implementation="static"`; transformers then compiles the decode
+  step with CUDA graphs) and the static cache for the LLM alone (Qwen2ForCausalLM holding STORM's LLM, a text prompt
+  of the same length); the static cache with transformers' flex attention for the LLM; with `storm generate`'s
+  defaults (static cache, the LLM's decode steps by `kernels.gqa_decode_attention`), as they are and with
+  transformers' deferred stop check forced on: first call (compilation included) and warm ms/token; and where a
+  token of `storm generate`'s defaults goes on the host (its costliest Python functions).
 - `fp8`: the 128-frame k=4 prefill in bf16 and with the vision tower's and the LLM's linears in FP8
   (`kernels.quantize_linears_fp8`): TTFT, stages, and the relative difference of the video features and the logits.
 - `llava`: LLaVA-OneVision-7B (SigLIP-So400m/14 at 384 px, 196 tokens per frame after its 2×2 bilinear pooling,
@@ -735,29 +739,118 @@ def bench_peers(rounds, repeats) -> list[dict]:
 
 
 def bench_decode(repeats) -> list[dict]:
+    """Decode speed after a 128-frame k=4 prefill. With transformers' SDPA: the dynamic cache (transformers' default),
+    the static cache, and the static cache for the LLM alone (transformers' Qwen2ForCausalLM holding STORM's LLM
+    weights, a text prompt of the same length). With `storm generate`'s defaults (static cache, the LLM's decode
+    steps by `kernels.gqa_decode_attention`, `load_storm`'s default): as they are, and with transformers' deferred
+    stop check forced on (the host then does not wait for the GPU at every token; transformers turns it on for MPS
+    only; it needs device events: not on the CPU). For `storm generate`'s defaults, the host's costliest Python
+    functions per token (cProfile)."""
+    from storm_transformers.loading import DEFAULT_ATTENTION
+
     model = storm_7b(max_positions=40000)
     frames, new_tokens = (128, 64) if not SMOKE else (8, 4)
     inputs = storm_prompt(model, frames, "4× (k=4)")
+    context = inputs["input_ids"].shape[1]
+    static = {"cache_implementation": "static"}
+    llm = llm_alone(model)
+    text = {"input_ids": torch.randint(*((1000, 100000) if not SMOKE else (10, 200)), (1, context), device=DEVICE)}
+    text["attention_mask"] = torch.ones_like(text["input_ids"])
+    sdpa, defaults = {"text_config": "sdpa"}, DEFAULT_ATTENTION
+    runs = [("static", sdpa, model, inputs, static, contextlib.nullcontext),
+            ("static (storm generate's defaults)", defaults, model, inputs, static, contextlib.nullcontext),
+            ("static, stop check deferred", defaults, model, inputs, static, deferred_stop_check),
+            ("static, transformers' flex attention", {"text_config": "flex_attention"}, model, inputs, static,
+             contextlib.nullcontext),
+            ("static, LLM alone (Qwen2ForCausalLM, same weights, text prompt)", sdpa, llm, text, static,
+             contextlib.nullcontext),
+            ("dynamic (transformers' default)", sdpa, model, inputs, {}, contextlib.nullcontext)]
+    runs = [run for run in runs if DEVICE == "cuda" or "deferred" not in run[0]]  # device events: not on the CPU
     rows = []
-    for cache in ("dynamic", "static"):
-        kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    for name, attention, runner, prompt, kwargs, patch in runs:
         free_memory()
-
-        def generate():
-            with torch.inference_mode():
-                return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                      **kwargs)
-
-        first, _ = first_call(generate)
-        ms = decode_ms_per_token(model, inputs, new_tokens, runs=repeats, **kwargs)
-        rows.append({"frames": frames, "compression": "4× (k=4)", "context (tokens)": inputs["input_ids"].shape[1],
-                     "cache": cache + (" (storm generate on a GPU)" if cache == "static" else " (transformers' default)"),
-                     f"first generate() of {new_tokens} tokens (s)": first, "decode (ms/token)": ms,
-                     "decode (tokens/s)": 1000 / ms})
-        print(rows[-1], flush=True)
-    del model
+        row = {"frames": frames, "compression": "4× (k=4)", "context (tokens)": context, "cache": name,
+               "LLM attention": attention["text_config"]}
+        try:
+            model.set_attn_implementation(attention)  # the LLM alone shares STORM's LLM and its config
+            with patch():
+                first, _ = first_call(lambda: greedy(runner, prompt, new_tokens, **kwargs))
+                ms = decode_ms_per_token(runner, prompt, new_tokens, runs=repeats, **kwargs)
+            row.update({f"first generate() of {new_tokens} tokens (s)": first, "decode (ms/token)": ms,
+                        "decode (tokens/s)": 1000 / ms})
+            if name.endswith("defaults)"):
+                row.update(decode_profile(model, inputs, new_tokens, **static))
+        except Exception as error:  # an attention this transformers/torch cannot decode with: the row says why
+            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        rows.append(row)
+        print(row, flush=True)
+    del model, llm
     free_memory()
     return rows
+
+
+def greedy(model, inputs, new_tokens: int, **generate_kwargs):
+    with torch.inference_mode():
+        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              **generate_kwargs)
+
+
+def llm_alone(model):
+    """transformers' Qwen2ForCausalLM around STORM's own LLM and LM head (no copy of the weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(model.config.text_config)
+    llm.model, llm.lm_head = model.model.language_model, model.lm_head
+    llm.generation_config = model.generation_config
+    return llm.eval()
+
+
+@contextlib.contextmanager
+def deferred_stop_check():
+    """transformers' `DeferredStopCheck` (generation/utils.py) used on every device; a no-op where it is missing."""
+    from transformers.generation import utils
+
+    check = getattr(utils, "DeferredStopCheck", None)
+    if check is None:
+        yield
+        return
+    original = check.__dict__["is_supported"]
+    check.is_supported = staticmethod(lambda device, cache, cache_is_returned, is_assistant: not is_assistant and (
+        cache is None or cache.is_croppable or not cache_is_returned))
+    try:
+        yield
+    finally:
+        check.is_supported = original
+
+
+def decode_profile(model, inputs, new_tokens: int, **generate_kwargs) -> dict:
+    """The host's costliest Python functions per decoded token: cProfile's own time in an `new_tokens` generation
+    minus that in a 1-token one, over new_tokens − 1 (cProfile slows the host: shares, not timings). With CUDA graphs,
+    the time the host waits for the GPU shows as StopCheck's `__call__` (its `bool()` of a device tensor)."""
+    import cProfile
+    import pstats
+
+    def host_stats(count):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        greedy(model, inputs, count, **generate_kwargs)
+        sync()
+        profiler.disable()
+        return pstats.Stats(profiler).stats  # {(file, line, function): (primitive calls, calls, own s, cumulative s, _)}
+
+    full, one = host_stats(new_tokens), host_stats(1)
+    per_token = {}  # what the new_tokens − 1 extra tokens cost: the difference of the two generations
+    for key, (_, calls, own, cumulative, _) in full.items():
+        _, calls_1, own_1, cumulative_1, _ = one.get(key, (0, 0, 0.0, 0.0, None))
+        per_token[key] = [(value - value_1) / (new_tokens - 1) for value, value_1 in
+                          ((calls, calls_1), (own, own_1), (cumulative, cumulative_1))]
+    top = sorted(per_token.items(), key=lambda item: item[1][1], reverse=True)[:25]
+    host = [{"function": f"{Path(file).name}:{line} {function}", "calls per token": calls,
+             "own time (ms/token, under cProfile)": 1000 * own,
+             "with callees (ms/token, under cProfile)": 1000 * cumulative}
+            for (file, line, function), (calls, own, cumulative) in top]
+    return {"host functions": host}
 
 
 def bench_fp8(repeats) -> list[dict]:
@@ -975,7 +1068,7 @@ def main():
             rows = results[section]
             print(f"\n## {section}\n\n{markdown(rows)}")
             for row in rows:  # nested tables: the encoder's pieces and top kernels
-                for key in ("pieces", "top kernels"):
+                for key in ("pieces", "top kernels", "host functions"):
                     if key in row:
                         print(f"\n{key} ({row.get('scan path', '')}):\n\n{markdown(row[key])}")
     print(f"\nsection times (s): {results['section seconds']}; JSON: {out / 'latency.json'}")
