@@ -123,3 +123,13 @@ def test_load_storm_decodes_with_it_and_generates_what_sdpa_generates(tiny_check
     assert calls == [24] * layers + [1] * layers * 5
     assert torch.equal(out.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
+
+
+def test_it_compiles_in_one_graph():
+    """transformers compiles the static-cache decode step (`generate`, CUDA graphs): the attention must not break
+    the graph (dynamo with its eager backend: what it traces, not the kernels inductor would make)."""
+    query, key, value = qkv(kv_length=70)
+    mask = torch.rand(2, 1, 1, 80, generator=torch.Generator().manual_seed(2)) > 0.2
+    compiled = torch.compile(gqa_decode_attention, fullgraph=True, backend="eager")
+    out, _ = compiled(Attention(groups=3), query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(out, gqa_decode_attention(Attention(groups=3), query, key, value, mask, scaling=0.3)[0])
