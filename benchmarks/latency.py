@@ -346,17 +346,19 @@ def measure_prefill(model, inputs, watch: Stopwatch, stages, repeats: int) -> di
     return {**stages(watch), "time to first token (s)": ttft, "peak memory (GiB)": peak_memory_gib()}
 
 
+def greedy(model, inputs, new_tokens: int, **generate_kwargs):
+    """`generate` of exactly `new_tokens` greedy tokens (min = max), without autograd."""
+    with torch.inference_mode():
+        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              **generate_kwargs)
+
+
 def decode_ms_per_token(model, inputs, new_tokens: int, runs: int = 1, **generate_kwargs) -> float:
     """(wall time of an `new_tokens` greedy generation − that of a 1-token one) / (new_tokens − 1), after a warm-up
     generation (which compiles the decode step when the cache is static)."""
 
     def generate(count):
-        sync()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False, **generate_kwargs)
-        sync()
-        return time.perf_counter() - start
+        return first_call(lambda: greedy(model, inputs, count, **generate_kwargs))[0]
 
     generate(new_tokens)
     full = statistics.median(generate(new_tokens) for _ in range(runs))
@@ -787,12 +789,6 @@ def bench_decode(repeats) -> list[dict]:
     del model, llm
     free_memory()
     return rows
-
-
-def greedy(model, inputs, new_tokens: int, **generate_kwargs):
-    with torch.inference_mode():
-        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              **generate_kwargs)
 
 
 def llm_alone(model):
