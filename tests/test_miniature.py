@@ -53,3 +53,37 @@ def test_probes_leave_out_a_question_type_the_training_mix_lacks(tmp_path):
     report = miniature.representation(REPO / "checkpoints" / "storm-tiny-synthetic", data, device="cpu")
     assert set(report) == {"probe direction", "probe direction, LLM input", "probe direction, LLM answer state"}
     assert all(0 <= value <= 1 for value in report.values())
+
+
+def test_curriculum_stage_trains_on_its_question_types_between_alignment_and_sft(tmp_path, monkeypatch):
+    """`--curriculum direction`: alignment on the whole split, then SFT on the direction questions alone, then SFT on
+    the whole split from there; a type the training split lacks is refused."""
+    import json
+    import subprocess
+
+    from storm_transformers.training import miniature
+
+    data = miniature.prepare_data(tmp_path / "data", [
+        {"sizes": {"train": 24}, "seed": 0, "question_weights": {"direction": 1, "color": 1}}])
+    curriculum = miniature.curriculum_data(data, ["direction"])
+    rows = [json.loads(line) for line in curriculum.read_text().splitlines()]
+    assert {row["question_type"] for row in rows} == {"direction"}
+    assert len(rows) == len(miniature._rows(data, "train", kind="direction")) > 0
+    with pytest.raises(ValueError, match="asks no shape question"):
+        miniature.curriculum_data(data, ["direction", "shape"])
+
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: commands.append(command) or
+                        subprocess.CompletedProcess(command, 0))
+    (tmp_path / "runs" / "bi-k4-seed0").mkdir(parents=True)
+    steps = {"alignment": 10, "curriculum": 30, "sft": 50}
+    final = miniature.train("bi-k4", 0, tmp_path, data, steps, 1, print, curriculum=curriculum)
+    run = tmp_path / "runs" / "bi-k4-seed0"
+    stages = [(Path(c[c.index("--model_name_or_path") + 1]).name, Path(c[c.index("--output_dir") + 1]).name,
+               Path(c[c.index("--dataset_name") + 1]).name, int(c[c.index("--max_steps") + 1]),
+               Path(c[c.index("--config") + 1]).name) for c in commands]
+    assert stages == [("init", "alignment", "train.jsonl", 10, "miniature_alignment.yaml"),
+                      ("alignment", "curriculum", curriculum.name, 30, "miniature_sft.yaml"),
+                      ("curriculum", "sft", "train.jsonl", 50, "miniature_sft.yaml")]
+    assert "--save_steps" in commands[2] and "--save_steps" not in commands[1]  # learning curves: the last SFT only
+    assert final == run / "sft"

@@ -189,21 +189,43 @@ def pretrain_vision(output: Path, tokenizer_dir: Path, seed: int, steps: int, lo
                                num_workers=min(8, os.cpu_count() or 1), log_every=max(1, steps // 5), log=log)
 
 
+def curriculum_data(data: Path, question_types: list[str]) -> Path:
+    """`data/train-<types>.jsonl`: the training rows that ask one of `question_types` (the curriculum stage's data;
+    video paths stay relative to `data`).
+
+    Raises:
+        ValueError: the training split has no row of one of `question_types` (a `--train-mix` that leaves it out).
+    """
+    rows = _rows(data, "train")
+    missing = sorted(set(question_types) - {row["question_type"] for row in rows})
+    if missing:
+        raise ValueError(f"--curriculum {' '.join(question_types)}: the training split asks no {', '.join(missing)} "
+                         "question; give those types a weight in --train-mix, or leave them out of --curriculum.")
+    path = data / f"train-{'-'.join(question_types)}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["question_type"] in question_types))
+    return path
+
+
 def train(name: str, seed: int, output: Path, data: Path, steps: dict, workers: int, log,
-          train_vision_tower: bool = False) -> Path:
-    """Stage 1 (alignment) then SFT with `python -m storm_transformers.training.sft` from `<run>/init`; returns the SFT
-    output folder (the model, and `CURVE_POINTS` `checkpoint-<step>` folders for the learning curves). SFT keeps the
-    vision tower frozen (`miniature_sft.yaml`: it comes from stage 0) unless `train_vision_tower` (the recipe without
-    stage 0, everything trained end to end)."""
+          train_vision_tower: bool = False, curriculum: Path | None = None) -> Path:
+    """Stage 1 (alignment), then SFT with `python -m storm_transformers.training.sft` from `<run>/init`, first on
+    `curriculum` (a jsonl of some question types: `curriculum_data`) for `steps["curriculum"]` steps if given, then on
+    the whole training split; returns the SFT output folder (the model, and `CURVE_POINTS` `checkpoint-<step>`
+    folders for the learning curves). SFT keeps the vision tower frozen (`miniature_sft.yaml`: it comes from stage 0)
+    unless `train_vision_tower` (the recipe without stage 0, everything trained end to end)."""
     run = output / "runs" / f"{name}-seed{seed}"
     previous = run / "init"
-    for stage in ("alignment", "sft"):
+    stages = [("alignment", "alignment", data / "train.jsonl")]
+    if curriculum is not None and steps.get("curriculum"):
+        stages.append(("curriculum", "sft", curriculum))
+    stages.append(("sft", "sft", data / "train.jsonl"))
+    for stage, recipe, dataset in stages:
         out = run / stage
         command = [
             sys.executable, "-m", "storm_transformers.training.sft",
-            "--config", str(Path(__file__).parent / "configs" / f"miniature_{stage}.yaml"),
+            "--config", str(Path(__file__).parent / "configs" / f"miniature_{recipe}.yaml"),
             "--model_name_or_path", str(previous),
-            "--dataset_name", str(data / "train.jsonl"),
+            "--dataset_name", str(dataset),
             "--output_dir", str(out),
             "--max_steps", str(steps[stage]),
             "--seed", str(seed),
@@ -213,6 +235,7 @@ def train(name: str, seed: int, output: Path, data: Path, steps: dict, workers: 
         if stage == "sft":  # the model every CURVE_POINTS-th of the way, for the learning curves
             every = max(1, steps[stage] // CURVE_POINTS)
             command += ["--save_strategy", "steps", "--save_steps", str(every), "--save_only_model", "true"]
+        if recipe == "sft":
             if train_vision_tower:
                 command += ["--trainable_modules", "vision_tower", "multi_modal_projector", "temporal_encoder",
                             "language_model"]
@@ -549,6 +572,9 @@ def main(argv=None):
     parser.add_argument("--train-mix", nargs="+", type=_question_weight, default=list(TRAIN_MIX.items()),
                         metavar="TYPE=WEIGHT", help="relative frequency of each question type in the training split "
                         "(types left out: none); default: TRAIN_MIX")
+    parser.add_argument("--curriculum", nargs="+", default=[], choices=sorted(CHANCE), metavar="TYPE",
+                        help="before SFT on the whole training split, SFT on its questions of these types alone")
+    parser.add_argument("--curriculum-steps", type=int, default=800, help="steps of the --curriculum stage")
     parser.add_argument("--parallel", type=int, default=7, help="training runs at once (CPU-bound: about 2 cores each)")
     parser.add_argument("--export", nargs=3, metavar=("CONFIG", "SEED", "DIR"), help="write that run as a checkpoint")
     args = parser.parse_args(argv)
@@ -586,7 +612,9 @@ def main(argv=None):
     # item 5 of the generalisation check: another seed stream, other nuisances
     shifted = prepare_data(output / "data-shifted", [
         {"sizes": {"test": args.test_size}, "seed": args.data_seed + SHIFTED_DATA_SEED, "shifted": True}])
-    steps = {"alignment": args.alignment_steps, "sft": args.sft_steps}
+    steps = {"alignment": args.alignment_steps, "curriculum": args.curriculum_steps, "sft": args.sft_steps}
+    curricula = {frames: curriculum_data(data, args.curriculum) for frames, data in datasets.items()} \
+        if args.curriculum else {}
     workers = max(1, (os.cpu_count() or 2) // args.parallel)
     results = {"args": vars(args), "evaluations": {}, "shifted": {}, "representation": {}, "vision pretraining": {},
                "curves": {}, "failed": []}
@@ -617,7 +645,8 @@ def main(argv=None):
             with LOAD_LOCK:
                 build_initial(output / "runs" / f"{name}-seed{seed}" / "init", tokenizer_dir, name, seed,
                               towers.get(seed))
-            folder = train(name, seed, output, data, steps, workers, log, train_vision_tower=not args.vision_steps)
+            folder = train(name, seed, output, data, steps, workers, log, train_vision_tower=not args.vision_steps,
+                           curriculum=curricula.get(CONFIGS[name]["frames"]))
         except RuntimeError as error:  # one failed run does not stop the others
             log(str(error))
             results["failed"].append(f"{name}-seed{seed}")
