@@ -33,6 +33,9 @@ Sections (pick with --sections; all GPU sections by default, in this order):
   defaults (static cache, the LLM's decode steps by `kernels.gqa_decode_attention`), as they are and with
   transformers' deferred stop check forced on: first call (compilation included) and warm ms/token; and where a
   token of `storm generate`'s defaults goes on the host (its costliest Python functions).
+- `decode-kernels`: where the GPU time of a decode step with `storm generate`'s defaults goes: the GPU kernels of one
+  token (torch.profiler), compiled with and without CUDA graphs; the same step for the LLM alone, with flex
+  attention, and compiled in mode "max-autotune".
 - `fp8`: the 128-frame k=4 prefill in bf16 and with the vision tower's and the LLM's linears in FP8
   (`kernels.quantize_linears_fp8`): TTFT, stages, and the relative difference of the video features and the logits.
 - `llava`: LLaVA-OneVision-7B (SigLIP-So400m/14 at 384 px, 196 tokens per frame after its 2×2 bilinear pooling,
@@ -849,6 +852,85 @@ def decode_profile(model, inputs, new_tokens: int, **generate_kwargs) -> dict:
     return {"host functions": host}
 
 
+def bench_decode_kernels(repeats) -> list[dict]:
+    """Where the GPU time of a decode step goes, 128-frame k=4 prefill, `storm generate`'s defaults (static cache,
+    `sdpa_gqa_decode`): ms/token and the GPU kernels of one decoded token (torch.profiler; per token = a `new_tokens`
+    generation minus a 1-token one, over new_tokens − 1), with transformers' compiled step as it is (CUDA graphs,
+    mode "reduce-overhead") and compiled without CUDA graphs (mode "default": the same kernels, each launched by the
+    host); then the same step for the LLM alone, with flex attention, and compiled in mode "max-autotune" (Triton
+    GEMM templates tried against cuBLAS for every product; first call included)."""
+    from transformers import CompileConfig
+
+    from storm_transformers.loading import DEFAULT_ATTENTION
+
+    model = storm_7b(max_positions=40000)
+    frames, new_tokens = (128, 32) if not SMOKE else (8, 4)
+    inputs = storm_prompt(model, frames, "4× (k=4)")
+    context = inputs["input_ids"].shape[1]
+    llm = llm_alone(model)
+    text = {"input_ids": torch.randint(*((1000, 100000) if not SMOKE else (10, 200)), (1, context), device=DEVICE)}
+    text["attention_mask"] = torch.ones_like(text["input_ids"])
+    modes = {"reduce-overhead": CompileConfig(mode="reduce-overhead"), "default": CompileConfig(mode="default"),
+             "max-autotune": CompileConfig(mode="max-autotune")}
+    runs = [("defaults (CUDA graphs)", DEFAULT_ATTENTION, model, inputs, "reduce-overhead", True),
+            ("defaults, no CUDA graphs", DEFAULT_ATTENTION, model, inputs, "default", True),
+            ("LLM alone, defaults", DEFAULT_ATTENTION, llm, text, "reduce-overhead", False),
+            ("flex attention", {"text_config": "flex_attention"}, model, inputs, "reduce-overhead", False),
+            ("defaults, compile mode max-autotune", DEFAULT_ATTENTION, model, inputs, "max-autotune", True)]
+    rows = []
+    for name, attention, runner, prompt, mode, profiled in runs:
+        free_memory()
+        kwargs = {"cache_implementation": "static", "compile_config": modes[mode]}
+        row = {"decode step": name, "LLM attention": attention["text_config"], "compile mode": mode}
+        try:
+            model.set_attn_implementation(attention)
+            first, _ = first_call(lambda: greedy(runner, prompt, new_tokens, **kwargs))
+            ms = decode_ms_per_token(runner, prompt, new_tokens, runs=repeats, **kwargs)
+            row.update({f"first generate() of {new_tokens} tokens (s)": first, "decode (ms/token)": ms,
+                        "decode (tokens/s)": 1000 / ms})
+            if profiled:
+                row.update(decode_kernels(runner, prompt, new_tokens, **kwargs))
+        except Exception as error:  # the row says why
+            row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        rows.append(row)
+        print({key: value for key, value in row.items() if key != "kernels"}, flush=True)
+        if "kernels" in row:  # now, not only at the end: a later row may not finish within a call's time limit
+            print(markdown(row["kernels"]), flush=True)
+    del model, llm
+    free_memory()
+    return rows
+
+
+def decode_kernels(model, inputs, new_tokens: int, top: int = 30, **generate_kwargs) -> dict:
+    """The GPU kernels of one decoded token: torch.profiler's kernel times in a `new_tokens` generation minus those
+    in a 1-token one, over new_tokens − 1. Returns the GPU time per token (ms), the kernel launches per token and the
+    `top` costliest kernels (calls and µs per token, µs per call). On the CPU (--smoke): the ATen operators' own
+    CPU time instead."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(count):
+        activity = ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
+            greedy(model, inputs, count, **generate_kwargs)
+            sync()
+        if DEVICE == "cuda":
+            return {e.key: (e.count, e.device_time_total) for e in prof.key_averages()
+                    if e.device_type == DeviceType.CUDA and e.device_time_total > 0}
+        return {e.key: (e.count, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0}
+
+    full, one = kernels(new_tokens), kernels(1)
+    per_token = {}
+    for key, (calls, microseconds) in full.items():
+        calls_1, microseconds_1 = one.get(key, (0, 0.0))
+        per_token[key] = ((calls - calls_1) / (new_tokens - 1), (microseconds - microseconds_1) / (new_tokens - 1))
+    ranked = sorted(per_token.items(), key=lambda item: -item[1][1])
+    return {"GPU time (ms/token)": sum(us for _, us in per_token.values()) / 1000,
+            "kernels per token": sum(calls for calls, _ in per_token.values()),
+            "kernels": [{"kernel": key[:100], "calls per token": calls, "µs per token": us,
+                         "µs per call": us / calls if calls else None} for key, (calls, us) in ranked[:top]]}
+
+
 def bench_fp8(repeats) -> list[dict]:
     from storm_transformers.kernels import quantize_linears_fp8
 
@@ -1012,7 +1094,8 @@ def environment() -> dict:
     return info
 
 
-SECTIONS = ["scan", "encoder", "encoder-profile", "vision", "storm", "peers", "decode", "fp8", "llava", "profile", "cpu"]
+SECTIONS = ["scan", "encoder", "encoder-profile", "vision", "storm", "peers", "decode", "decode-kernels", "fp8", "llava",
+            "profile", "cpu"]
 
 
 def main():
@@ -1045,6 +1128,7 @@ def main():
         "storm": lambda: bench_storm(args.frames, args.repeats),
         "peers": lambda: bench_peers(args.rounds, args.repeats),
         "decode": lambda: bench_decode(args.repeats),
+        "decode-kernels": lambda: bench_decode_kernels(args.repeats),
         "fp8": lambda: bench_fp8(args.repeats),
         "llava": lambda: bench_llava(args.llava_frames, args.repeats),
         "profile": bench_profile,
@@ -1064,9 +1148,9 @@ def main():
             rows = results[section]
             print(f"\n## {section}\n\n{markdown(rows)}")
             for row in rows:  # nested tables: the encoder's pieces and top kernels
-                for key in ("pieces", "top kernels", "host functions"):
+                for key in ("pieces", "top kernels", "host functions", "kernels"):
                     if key in row:
-                        print(f"\n{key} ({row.get('scan path', '')}):\n\n{markdown(row[key])}")
+                        print(f"\n{key} ({row.get('scan path') or row.get('decode step', '')}):\n\n{markdown(row[key])}")
     print(f"\nsection times (s): {results['section seconds']}; JSON: {out / 'latency.json'}")
 
 
