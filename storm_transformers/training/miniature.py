@@ -13,7 +13,8 @@ stand-in for the paper's pretrained SigLIP; about 1 minute on an H200). Then for
 a random tiny STORM (a SigLIP-architecture encoder, the temporal encoder and a Qwen2-architecture LLM, all from
 scratch, with the real Qwen2 tokenizer), puts that tower in, and trains it with the project's recipe (`sft.py`:
 stage 1 alignment, then SFT with the tower frozen; `--vision-steps 0` skips stage 0 and trains the tower end to end
-instead). Each run is evaluated with greedy answers on the test split by question type (32-frame configurations also
+instead; `--curriculum direction` puts an SFT stage on the direction questions alone before SFT on the whole split,
+which is how the shipped `bi-k4` learned direction: docs/miniature.md). Each run is evaluated with greedy answers on the test split by question type (32-frame configurations also
 with test-time temporal sampling s = 2), on shifted test clips (other backgrounds, shape sizes and speeds), with
 linear probes of its visual tokens (`representation`), and at `CURVE_POINTS` points along SFT on the validation split
 (per-type learning curves), in processes of their own beside the training runs. Same data, steps and seeds for every
@@ -510,6 +511,14 @@ def export(run_dir: Path, results: dict, name: str, seed: int, output_dir: Path,
     by_type = ", ".join(f"{kind} {100 * value:.0f}%" for kind, value in scores["by type"].items())
     learned = [kind for kind, value in scores["by type"].items() if value >= 0.9]
     guessing = [kind for kind, value in scores["by type"].items() if value < CHANCE[kind] + 0.1]
+    partly = [f"{kind} ({100 * value:.0f}%, chance {100 * CHANCE[kind]:.0f}%)" for kind, value in
+              scores["by type"].items() if kind not in learned and kind not in guessing]
+    answers = f"It answers {', '.join(learned) or 'no'} questions reliably" + (
+        f"; {', '.join(partly)} questions partly" if partly else "") + (
+        f"; on {', '.join(guessing)} questions it is no better than guessing" if guessing else "") + "."
+    args = results["args"]
+    curriculum = (f"then SFT on the training split's {', '.join(args['curriculum'])} questions alone "
+                  f"({args['curriculum_steps']} steps, a curriculum), " if args.get("curriculum") else "")
     shifted = next((r for r in results.get("shifted", {}).get(f"{name}@s1", []) if r["seed"] == seed), None)
     shifted_by_type = shifted and ", ".join(f"{kind} {100 * value:.0f}%" for kind, value in shifted["by type"].items())
     settings = CONFIGS[name]
@@ -528,20 +537,18 @@ def export(run_dir: Path, results: dict, name: str, seed: int, output_dir: Path,
         provenance=(
             f"Trained with `{command}` (storm_transformers/training/miniature.py, one H200): a random STORM with the "
             "real Qwen2 tokenizer; stage 0 trains its vision tower on labelled single frames (what covers each "
-            f"patch, which objects a frame holds, where; {results['args']['vision_steps']} steps of 128 frames, "
+            f"patch, which objects a frame holds, where; {args['vision_steps']} steps of 128 frames, "
             "`vision_pretraining.py`); stage 1 (alignment: projector and temporal encoder, "
-            f"{results['args']['alignment_steps']} steps), then SFT of everything but the frozen vision tower "
-            f"({results['args']['sft_steps']} steps), batch 16, on {results['args']['train_size']} synthetic 8-frame "
-            f"64×64 clips (data seed {results['args']['data_seed']}; question types in the proportions "
-            f"{dict(results['args']['train_mix'])}). "
+            f"{args['alignment_steps']} steps), {curriculum}then SFT of everything but the frozen vision tower "
+            f"({args['sft_steps']} steps), batch 16, on {args['train_size']} synthetic 8-frame 64×64 clips (data "
+            f"seed {args['data_seed']}; question types in the proportions {dict(args['train_mix'])}). "
             "See docs/miniature.md for every configuration."
         ),
         limits=(
             "It knows only its synthetic world: 8-frame clips of one or two coloured shapes (red, green, blue, "
             "yellow; circle, square, triangle) on a textured background, and six question forms (which way a shape "
             "moves, which appears first, how many times one appears, what colour one turns into, what colour or "
-            f"shape it is). It answers {', '.join(learned) or 'no'} questions reliably; on "
-            f"{', '.join(guessing) or 'no'} questions it is no better than guessing."
+            f"shape it is). {answers}"
             + (f" On test clips with other backgrounds, shape sizes and speeds it answers "
                f"{100 * shifted['accuracy']:.0f}% ({shifted_by_type})." if shifted else "")
             + " It has never seen a natural video or image and cannot hold a conversation: on anything else its "
