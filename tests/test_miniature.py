@@ -87,3 +87,31 @@ def test_curriculum_stage_trains_on_its_question_types_between_alignment_and_sft
                       ("curriculum", "sft", "train.jsonl", 50, "miniature_sft.yaml")]
     assert "--save_steps" in commands[2] and "--save_steps" not in commands[1]  # learning curves: the last SFT only
     assert final == run / "sft"
+
+
+def test_exported_card_says_what_the_model_answers_partly_and_how_it_was_trained(tmp_path):
+    """`export` (the shipped checkpoint's card): reliable types, partly learned ones with their chance level, types at
+    chance, and the curriculum stage when the run had one."""
+    from huggingface_hub import ModelCard
+
+    from storm_transformers.training import miniature
+
+    by_type = {"change": 1.0, "color": 1.0, "direction": 1.0, "order": 0.96, "shape": 0.93, "count": 0.56}
+    args = {"vision_steps": 1500, "alignment_steps": 100, "sft_steps": 2000, "train_size": 6000, "data_seed": 0,
+            "train_mix": [["direction", 3], ["count", 2]], "curriculum": ["direction"], "curriculum_steps": 800}
+    results = {"args": args, "evaluations": {"bi-k4@s1": [{"seed": 0, "accuracy": 0.9, "temporal": 0.87,
+                                                            "by type": by_type}]}}
+    checkpoint = REPO / "checkpoints" / "storm-tiny-synthetic"
+    miniature.export(checkpoint, results, "bi-k4", 0, tmp_path / "card-a", "python -m miniature --curriculum direction")
+    text = ModelCard.load(tmp_path / "card-a" / "README.md").text
+    assert "It answers change, color, direction, order, shape questions reliably; count (56%, chance 33%) questions " \
+           "partly." in text
+    assert "no better than guessing" not in text and "on no questions" not in text
+    assert "then SFT on the training split's direction questions alone (800 steps, a curriculum)" in text
+
+    results["evaluations"]["bi-k4@s1"][0]["by type"].update(direction=0.25, count=0.34)
+    del args["curriculum"]
+    miniature.export(checkpoint, results, "bi-k4", 0, tmp_path / "card-b", "python -m miniature")
+    text = ModelCard.load(tmp_path / "card-b" / "README.md").text
+    assert "; on direction, count questions it is no better than guessing." in text
+    assert "curriculum" not in text
