@@ -753,14 +753,10 @@ def bench_decode(repeats) -> list[dict]:
     functions per token (cProfile)."""
     from storm_transformers.loading import DEFAULT_ATTENTION
 
-    model = storm_7b(max_positions=40000)
     frames, new_tokens = (128, 64) if not SMOKE else (8, 4)
-    inputs = storm_prompt(model, frames, "4× (k=4)")
+    model, inputs, llm, text = decode_setup(frames)
     context = inputs["input_ids"].shape[1]
     static = {"cache_implementation": "static"}
-    llm = llm_alone(model)
-    text = {"input_ids": torch.randint(*((1000, 100000) if not SMOKE else (10, 200)), (1, context), device=DEVICE)}
-    text["attention_mask"] = torch.ones_like(text["input_ids"])
     sdpa, defaults = {"text_config": "sdpa"}, DEFAULT_ATTENTION
     runs = [("static", sdpa, model, inputs, static, contextlib.nullcontext),
             ("static (storm generate's defaults)", defaults, model, inputs, static, contextlib.nullcontext),
@@ -792,6 +788,17 @@ def bench_decode(repeats) -> list[dict]:
     del model, llm
     free_memory()
     return rows
+
+
+def decode_setup(frames: int):
+    """`(model, inputs, llm, text)` of the decode sections: STORM-7B (random weights), a `frames`-frame k=4 video
+    prompt, the LLM alone (`llm_alone`) and a random text prompt as long as the video prompt."""
+    model = storm_7b(max_positions=40000)
+    inputs = storm_prompt(model, frames, "4× (k=4)")
+    context = inputs["input_ids"].shape[1]
+    text = {"input_ids": torch.randint(*((1000, 100000) if not SMOKE else (10, 200)), (1, context), device=DEVICE)}
+    text["attention_mask"] = torch.ones_like(text["input_ids"])
+    return model, inputs, llm_alone(model), text
 
 
 def llm_alone(model):
@@ -863,13 +870,8 @@ def bench_decode_kernels(repeats) -> list[dict]:
 
     from storm_transformers.loading import DEFAULT_ATTENTION
 
-    model = storm_7b(max_positions=40000)
     frames, new_tokens = (128, 32) if not SMOKE else (8, 4)
-    inputs = storm_prompt(model, frames, "4× (k=4)")
-    context = inputs["input_ids"].shape[1]
-    llm = llm_alone(model)
-    text = {"input_ids": torch.randint(*((1000, 100000) if not SMOKE else (10, 200)), (1, context), device=DEVICE)}
-    text["attention_mask"] = torch.ones_like(text["input_ids"])
+    model, inputs, llm, text = decode_setup(frames)
     modes = {"reduce-overhead": CompileConfig(mode="reduce-overhead"), "default": CompileConfig(mode="default"),
              "max-autotune": CompileConfig(mode="max-autotune")}
     runs = [("defaults (CUDA graphs)", DEFAULT_ATTENTION, model, inputs, "reduce-overhead", True),

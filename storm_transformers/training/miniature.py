@@ -14,10 +14,11 @@ a random tiny STORM (a SigLIP-architecture encoder, the temporal encoder and a Q
 scratch, with the real Qwen2 tokenizer), puts that tower in, and trains it with the project's recipe (`sft.py`:
 stage 1 alignment, then SFT with the tower frozen; `--vision-steps 0` skips stage 0 and trains the tower end to end
 instead; `--curriculum direction` puts an SFT stage on the direction questions alone before SFT on the whole split,
-which is how the shipped `bi-k4` learned direction: docs/miniature.md). Each run is evaluated with greedy answers on the test split by question type (32-frame configurations also
-with test-time temporal sampling s = 2), on shifted test clips (other backgrounds, shape sizes and speeds), with
-linear probes of its visual tokens (`representation`), and at `CURVE_POINTS` points along SFT on the validation split
-(per-type learning curves), in processes of their own beside the training runs. Same data, steps and seeds for every
+which is how the shipped `bi-k4` learned direction: docs/miniature.md). Each run is evaluated with greedy answers on
+the test split by question type (32-frame configurations also with test-time temporal sampling s = 2), on shifted
+test clips (other backgrounds, shape sizes and speeds), with linear probes of its visual tokens (`representation`),
+and at `CURVE_POINTS` points along SFT on the validation split (per-type learning curves), in processes of their own
+beside the training runs. Same data, steps and seeds for every
 row; the training split asks more of the question types learned late (`TRAIN_MIX`, `--train-mix`), the test split
 is uniform. On one H200 (16 cores) the seven key configurations of one seed take 400–470 s (`--parallel 7`, the
 default). Results: `<output>/results.json` and `<output>/results.md`; checkpoints under
@@ -236,10 +237,9 @@ def train(name: str, seed: int, output: Path, data: Path, steps: dict, workers: 
         if stage == "sft":  # the model every CURVE_POINTS-th of the way, for the learning curves
             every = max(1, steps[stage] // CURVE_POINTS)
             command += ["--save_strategy", "steps", "--save_steps", str(every), "--save_only_model", "true"]
-        if recipe == "sft":
-            if train_vision_tower:
-                command += ["--trainable_modules", "vision_tower", "multi_modal_projector", "temporal_encoder",
-                            "language_model"]
+        if recipe == "sft" and train_vision_tower:
+            command += ["--trainable_modules", "vision_tower", "multi_modal_projector", "temporal_encoder",
+                        "language_model"]
         start = time.perf_counter()
         # Runs share the machine's cores: one intra-op thread each (the GPU does the math; the workers decode).
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
