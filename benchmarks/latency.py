@@ -30,12 +30,9 @@ Sections (pick with --sections; all GPU sections by default, in this order):
   (transformers' default), the static cache (`cache_implementation="static"`; transformers then compiles the decode
   step with CUDA graphs) and the static cache for the LLM alone (Qwen2ForCausalLM holding STORM's LLM, a text prompt
   of the same length); the static cache with transformers' flex attention for the LLM; with `storm generate`'s
-  defaults (static cache, the LLM's decode steps by `kernels.gqa_decode_attention`: Triton flash-decoding on a GPU),
-  as they are, with its torch path instead of the Triton kernels, and with transformers' deferred stop check
-  forced on: first call (compilation included) and warm ms/token; and where a
+  defaults (static cache, the LLM's decode steps by `kernels.gqa_decode_attention`), as they are and with
+  transformers' deferred stop check forced on: first call (compilation included) and warm ms/token; and where a
   token of `storm generate`'s defaults goes on the host (its costliest Python functions).
-- `decode-attention`: the decode rows of `storm generate`'s defaults, the same with the torch path of its decode
-  attention instead of the Triton kernels, and the static cache with transformers' SDPA, in one run.
 - `decode-kernels`: where the GPU time of a decode step with `storm generate`'s defaults goes: the GPU kernels of one
   token (torch.profiler), compiled with and without CUDA graphs; the same step for the LLM alone, with flex
   attention, and compiled in mode "max-autotune".
@@ -62,7 +59,6 @@ import platform
 import re
 import statistics
 import time
-import unittest.mock
 from collections import defaultdict
 from pathlib import Path
 
@@ -751,61 +747,40 @@ def bench_decode(repeats) -> list[dict]:
     """Decode speed after a 128-frame k=4 prefill. With transformers' SDPA: the dynamic cache (transformers' default),
     the static cache, and the static cache for the LLM alone (transformers' Qwen2ForCausalLM holding STORM's LLM
     weights, a text prompt of the same length). With `storm generate`'s defaults (static cache, the LLM's decode
-    steps by `kernels.gqa_decode_attention`, `load_storm`'s default): as they are, with its torch path instead of the
-    Triton kernels, and with transformers' deferred stop check forced on (the host then does not wait for the GPU at
-    every token; transformers turns it on for MPS only; it needs device events: not on the CPU). For `storm
-    generate`'s defaults, the host's costliest Python functions per token (cProfile)."""
+    steps by `kernels.gqa_decode_attention`, `load_storm`'s default): as they are, and with transformers' deferred
+    stop check forced on (the host then does not wait for the GPU at every token; transformers turns it on for MPS
+    only; it needs device events: not on the CPU). For `storm generate`'s defaults, the host's costliest Python
+    functions per token (cProfile)."""
     from storm_transformers.loading import DEFAULT_ATTENTION
 
-    sdpa, defaults, static, plain = {"text_config": "sdpa"}, DEFAULT_ATTENTION, {"cache_implementation": "static"}, None
-    runs = [("static", sdpa, static, plain),
-            ("static (storm generate's defaults)", defaults, static, plain),
-            ("static, stop check deferred", defaults, static, deferred_stop_check),
-            ("static, storm generate's defaults with the torch decode attention (no Triton)", defaults, static,
-             torch_decode_attention),
-            ("static, transformers' flex attention", {"text_config": "flex_attention"}, static, plain),
-            ("static, LLM alone (Qwen2ForCausalLM, same weights, text prompt)", sdpa, static, plain),
-            ("dynamic (transformers' default)", sdpa, {}, plain)]
-    return decode_rows(runs, repeats)
-
-
-def bench_decode_attention(repeats) -> list[dict]:
-    """The decode attention alone, in one run: `storm generate`'s defaults (the LLM's decode steps by
-    `kernels.gqa_decode_attention`: Triton flash-decoding on a GPU), the same with its torch path (split-K products),
-    and transformers' SDPA; static cache, 128-frame k=4 prefill, batch 1."""
-    from storm_transformers.loading import DEFAULT_ATTENTION
-
-    static = {"cache_implementation": "static"}
-    return decode_rows([("static (storm generate's defaults)", DEFAULT_ATTENTION, static, None),
-                        ("static, storm generate's defaults with the torch decode attention (no Triton)",
-                         DEFAULT_ATTENTION, static, torch_decode_attention),
-                        ("static", {"text_config": "sdpa"}, static, None)], repeats)
-
-
-def decode_rows(runs, repeats) -> list[dict]:
-    """One row per `(name, attn_implementation, generate kwargs, patch)` run of `decode_setup(128)`'s STORM-7B (the
-    LLM alone where the name says so): first `generate()` of 64 tokens (compilation included), then ms and tokens
-    per second per token over `repeats` runs; `patch`, a context manager around both (or None)."""
     frames, new_tokens = (128, 64) if not SMOKE else (8, 4)
     model, inputs, llm, text = decode_setup(frames)
     context = inputs["input_ids"].shape[1]
+    static = {"cache_implementation": "static"}
+    sdpa, defaults = {"text_config": "sdpa"}, DEFAULT_ATTENTION
+    runs = [("static", sdpa, model, inputs, static, contextlib.nullcontext),
+            ("static (storm generate's defaults)", defaults, model, inputs, static, contextlib.nullcontext),
+            ("static, stop check deferred", defaults, model, inputs, static, deferred_stop_check),
+            ("static, transformers' flex attention", {"text_config": "flex_attention"}, model, inputs, static,
+             contextlib.nullcontext),
+            ("static, LLM alone (Qwen2ForCausalLM, same weights, text prompt)", sdpa, llm, text, static,
+             contextlib.nullcontext),
+            ("dynamic (transformers' default)", sdpa, model, inputs, {}, contextlib.nullcontext)]
+    runs = [run for run in runs if DEVICE == "cuda" or "deferred" not in run[0]]  # device events: not on the CPU
     rows = []
-    for name, attention, kwargs, patch in runs:
-        if DEVICE != "cuda" and "deferred" in name:  # device events: not on the CPU
-            continue
-        runner, prompt = (llm, text) if "LLM alone" in name else (model, inputs)
+    for name, attention, runner, prompt, kwargs, patch in runs:
         free_memory()
         row = {"frames": frames, "compression": "4× (k=4)", "context (tokens)": context, "cache": name,
                "LLM attention": attention["text_config"]}
         try:
             model.set_attn_implementation(attention)  # the LLM alone shares STORM's LLM and its config
-            with (patch or contextlib.nullcontext)():
+            with patch():
                 first, _ = first_call(lambda: greedy(runner, prompt, new_tokens, **kwargs))
                 ms = decode_ms_per_token(runner, prompt, new_tokens, runs=repeats, **kwargs)
             row.update({f"first generate() of {new_tokens} tokens (s)": first, "decode (ms/token)": ms,
                         "decode (tokens/s)": 1000 / ms})
             if name.endswith("defaults)"):
-                row.update(decode_profile(model, inputs, new_tokens, **kwargs))
+                row.update(decode_profile(model, inputs, new_tokens, **static))
         except Exception as error:  # an attention this transformers/torch cannot decode with: the row says why
             row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
         rows.append(row)
@@ -835,16 +810,6 @@ def llm_alone(model):
     llm.model, llm.lm_head = model.model.language_model, model.lm_head
     llm.generation_config = model.generation_config
     return llm.eval()
-
-
-@contextlib.contextmanager
-def torch_decode_attention():
-    """`kernels.gqa_decode_attention` by its torch path (split-K products) instead of the Triton flash-decoding
-    kernels, as where Triton is missing."""
-    from storm_transformers import kernels
-
-    with unittest.mock.patch.object(kernels, "triton_decode_attention", lambda: None):
-        yield
 
 
 @contextlib.contextmanager
@@ -1131,16 +1096,15 @@ def environment() -> dict:
     return info
 
 
-SECTIONS = ["scan", "encoder", "encoder-profile", "vision", "storm", "peers", "decode", "decode-attention",
-            "decode-kernels", "fp8", "llava", "profile", "cpu"]
+SECTIONS = ["scan", "encoder", "encoder-profile", "vision", "storm", "peers", "decode", "decode-kernels", "fp8", "llava",
+            "profile", "cpu"]
 
 
 def main():
     global SMOKE, DEVICE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmark-results")
-    parser.add_argument("--sections", nargs="+", default=[s for s in SECTIONS if s not in ("cpu", "decode-attention")],
-                        choices=SECTIONS)
+    parser.add_argument("--sections", nargs="+", default=[s for s in SECTIONS if s != "cpu"], choices=SECTIONS)
     parser.add_argument("--frames", nargs="+", type=int, default=[8, 32, 64, 128, 256])
     parser.add_argument("--llava-frames", nargs="+", type=int, default=[32, 64, 128])
     parser.add_argument("--repeats", type=int, default=3)
@@ -1166,7 +1130,6 @@ def main():
         "storm": lambda: bench_storm(args.frames, args.repeats),
         "peers": lambda: bench_peers(args.rounds, args.repeats),
         "decode": lambda: bench_decode(args.repeats),
-        "decode-attention": lambda: bench_decode_attention(args.repeats),
         "decode-kernels": lambda: bench_decode_kernels(args.repeats),
         "fp8": lambda: bench_fp8(args.repeats),
         "llava": lambda: bench_llava(args.llava_frames, args.repeats),

@@ -13,8 +13,7 @@ tensors when `temporal_encoder_config.use_mamba_kernels` is on; the torch spec o
 
 Also here: the regional compilation of the vision tower's layers (`vision_layer_runner`, on by default for CUDA
 inference), the LLM's attention for decode steps (`gqa_decode_attention`, registered with transformers'
-`AttentionInterface` as `GQA_DECODE_ATTENTION`; `load_storm`'s default; on a GPU by our Triton flash-decoding kernels,
-`decode_attention_triton.py`, found by `triton_decode_attention`) and an opt-in FP8 conversion of linears for
+`AttentionInterface` as `GQA_DECODE_ATTENTION`; `load_storm`'s default) and an opt-in FP8 conversion of linears for
 inference on Hopper GPUs (`quantize_linears_fp8`).
 """
 
@@ -191,10 +190,8 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout: flo
     and values `G` times (`repeat_kv`; Qwen2-7B: G = 7) and SDPA's kernels parallelise over query blocks, of which a
     decode step has one per head. Here the cache is read once: the scores by one batched product per key/value head,
     the weighted sum of the values by `DECODE_SPLITS` products per head over parts of the cache, then summed (split-K,
-    as flash-decoding splits the cache), so that both products fill the GPU. On a GPU, without gradients, the same
-    is two Triton launches per layer instead of ~10 kernels (`decode_attention_triton`: flash-decoding, Dao et al.
-    2023); this torch code is its spec and the path everywhere else. The result is SDPA's (softmax in float32, as
-    transformers' eager attention), to bf16 rounding.
+    as flash-decoding splits the cache), so that both products fill the GPU. The result is SDPA's (softmax in
+    float32, as transformers' eager attention), to bf16 rounding.
 
     Args (transformers' attention-function interface, `AttentionInterface`):
         query (`torch.Tensor` of shape `(batch, heads, q, head_dim)`), key / value (`(batch, kv_heads, kv_length,
@@ -217,12 +214,8 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout: flo
     if length > DECODE_QUERY_LENGTH or heads == kv_heads or dropout or extra_scores or causal_without_mask:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    differentiable = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
-    triton_attention = triton_decode_attention() if query.is_cuda and not differentiable else None
-    if triton_attention is not None and triton_attention.supports(query, key):
-        return triton_attention.attention(query, key, value, attention_mask, scaling), None
     rows = heads // kv_heads * length  # G·q queries per key/value head; head h reads kv head h // G, as repeat_kv
+    scaling = head_dim**-0.5 if scaling is None else scaling
     grouped = query.reshape(batch, kv_heads, rows, head_dim)
     scores = torch.matmul(grouped, key.transpose(2, 3)).float() * scaling  # (batch, kv_heads, G·q, kv_length)
     if attention_mask is not None:
@@ -242,21 +235,6 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout: flo
     parts = torch.matmul(weights, value.view(batch, kv_heads, DECODE_SPLITS, part, head_dim))  # (.., splits, G·q, d)
     output = parts.sum(dim=2, dtype=torch.float32).to(value.dtype)  # (batch, kv_heads, G·q, head_dim)
     return output.reshape(batch, heads, length, head_dim).transpose(1, 2).contiguous(), None
-
-
-class TritonDecodeAttention(NamedTuple):
-    attention: Callable  # decode_attention_triton.decode_attention_triton(query, key, value, attention_mask, scaling)
-    supports: Callable  # decode_attention_triton.supports(query, key): whether the kernels take these tensors
-
-
-@functools.cache
-def triton_decode_attention() -> TritonDecodeAttention | None:
-    """The flash-decoding kernels of `decode_attention_triton`, or None where Triton cannot be imported."""
-    try:
-        from .decode_attention_triton import decode_attention_triton, supports
-    except ImportError:
-        return None
-    return TritonDecodeAttention(decode_attention_triton, supports)
 
 
 def register_attention() -> None:

@@ -19,8 +19,8 @@ from storm_transformers.selective_scan import selective_scan
 
 def test_kernels_are_not_imported_with_the_package():
     code = (
-        "import sys, storm_transformers; print(sorted({'mamba_ssm', 'causal_conv1d', "
-        "'storm_transformers.selective_scan_triton', 'storm_transformers.decode_attention_triton'} & set(sys.modules)))"
+        "import sys, storm_transformers; "
+        "print(sorted({'mamba_ssm', 'causal_conv1d', 'storm_transformers.selective_scan_triton'} & set(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -251,58 +251,6 @@ def eager_backend_compilation(monkeypatch):
     yield kernels
     kernels._compiled_vision_layer.cache_clear()
     torch._dynamo.reset()
-
-
-def _decode_step(dtype, kv_length=8300, device="cuda"):
-    """A decode step of Qwen2-7B's attention shape (28 query heads on 4 key/value heads, head_dim 128) over a static
-    cache of `kv_length` slots, some unfilled; queries in transformers' layout (a transposed view)."""
-    generator = torch.Generator().manual_seed(0)
-    query = torch.randn(2, 1, 28, 128, generator=generator).transpose(1, 2)
-    key, value = (torch.randn(2, 4, kv_length, 128, generator=generator) for _ in range(2))
-    mask = torch.rand(2, 1, 1, kv_length + 64, generator=generator) > 0.1
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal = 7, True
-    return module, *(x.to(device, dtype) for x in (query, key, value)), mask.to(device)
-
-
-@requires_cuda
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_triton_decode_attention_equals_the_torch_path(monkeypatch, dtype, tolerance):
-    module, query, key, value, mask = _decode_step(dtype)
-    assert kernels.triton_decode_attention() is not None
-    out, _ = kernels.gqa_decode_attention(module, query, key, value, mask)
-    monkeypatch.setattr(kernels, "triton_decode_attention", lambda: None)
-    expected, _ = kernels.gqa_decode_attention(module, query, key, value, mask)
-    assert out.shape == expected.shape == (2, 1, 28, 128)
-    assert ((out.float() - expected.float()).abs().max() / expected.float().abs().max()).item() <= tolerance
-
-
-@requires_cuda
-def test_triton_decode_attention_compiles_in_one_graph():
-    """transformers compiles the static-cache decode step (CUDA graphs): the Triton launches must not break it."""
-    module, query, key, value, mask = _decode_step(torch.bfloat16, kv_length=1000)
-    compiled = torch.compile(kernels.gqa_decode_attention, fullgraph=True, mode="reduce-overhead")
-    for _ in range(3):  # recorded, then replayed
-        out, _ = compiled(module, query, key, value, mask)
-    torch.testing.assert_close(out, kernels.gqa_decode_attention(module, query, key, value, mask)[0])
-
-
-@requires_cuda
-def test_compiled_static_cache_generation_on_the_gpu_equals_sdpa(tiny_checkpoint):
-    from storm_transformers.loading import load_storm
-
-    model, _ = load_storm(tiny_checkpoint, dtype="float32", device="cuda")
-    reference, _ = load_storm(tiny_checkpoint, dtype="float32", device="cuda", attn_implementation="sdpa")
-    text = model.config.text_config
-    query = torch.zeros(1, text.num_attention_heads, 1, text.hidden_size // text.num_attention_heads)
-    assert kernels.triton_decode_attention().supports(query, query)  # the checkpoint's LLM takes the Triton path
-    ids = torch.randint(1000, 5000, (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
-    options = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, cache_implementation="static",
-                   return_dict_in_generate=True, output_logits=True)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
-    expected = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
-    assert torch.equal(out.sequences, expected.sequences)
-    torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
 
 
 def _tiny_siglip():
