@@ -98,7 +98,8 @@ def test_exported_card_says_what_the_model_answers_partly_and_how_it_was_trained
 
     by_type = {"change": 1.0, "color": 1.0, "direction": 1.0, "order": 0.96, "shape": 0.93, "count": 0.56}
     args = {"vision_steps": 1500, "alignment_steps": 100, "sft_steps": 2000, "train_size": 6000, "data_seed": 0,
-            "train_mix": [["direction", 3], ["count", 2]], "curriculum": ["direction"], "curriculum_steps": 800}
+            "train_mix": [["direction", 3], ["count", 2]], "curriculum": ["direction"], "curriculum_steps": 800,
+            "vision_radii": [5, 10]}
     results = {"args": args, "evaluations": {"bi-k4@s1": [{"seed": 0, "accuracy": 0.9, "temporal": 0.87,
                                                             "by type": by_type}]}}
     checkpoint = REPO / "checkpoints" / "storm-tiny-synthetic"
@@ -108,10 +109,12 @@ def test_exported_card_says_what_the_model_answers_partly_and_how_it_was_trained
            "partly." in text
     assert "no better than guessing" not in text and "on no questions" not in text
     assert "then SFT on the training split's direction questions alone (800 steps, a curriculum)" in text
+    assert "1500 steps of 128 frames, shapes of radius 5–10 px," in text
 
     results["evaluations"]["bi-k4@s1"][0]["by type"].update(direction=0.25, count=0.34)
-    del args["curriculum"]
+    del args["curriculum"], args["vision_radii"]  # as in the results of runs from before these options
     miniature.export(checkpoint, results, "bi-k4", 0, tmp_path / "card-b", "python -m miniature")
     text = ModelCard.load(tmp_path / "card-b" / "README.md").text
     assert "; on direction, count questions it is no better than guessing." in text
     assert "curriculum" not in text
+    assert "1500 steps of 128 frames, shapes of radius 8 px," in text

@@ -154,6 +154,30 @@ def test_shifted_clips_change_the_nuisances_not_the_questions():
     assert 2.8 < min(speeds) and max(speeds) < 4.2  # px per frame; the training clips move 4.5-5.5
 
 
+def test_one_nuisance_factor_can_be_shifted_alone():
+    """`shifted=("size",)` draws the shifted radii on a training background, `("background",)` the other textures
+    at radius 8 (each background is the one the unshifted / fully shifted clip of that seed draws: it comes first)."""
+    areas = {radius: {int(shape_mask(shape, 32, 32, radius).sum()) for shape in SHAPES} for radius in (6, 8, 10)}
+    radii = set()
+    for index in range(12):
+        clips = {shifts: make_clip("shape", np.random.default_rng([7, index]), shifted=shifts)
+                 for shifts in ((), ("size",), ("background",), True)}
+        first = {key: frames[0] for key, (frames, _, _) in clips.items()}
+        shape = {key: colour_mask(first[key], named_colour(question)) for key, (_, question, _) in clips.items()}
+        outside = ~np.logical_or.reduce(list(shape.values()))
+        assert (first[("size",)][outside] == first[()][outside]).all()
+        assert (first[("background",)][outside] == first[True][outside]).all()
+        assert (first[("background",)][outside] != first[()][outside]).any()
+        assert int(shape[("background",)].sum()) in areas[8]
+        radii |= {radius for radius in (6, 10) if int(shape[("size",)].sum()) in areas[radius]}
+    assert radii == {6, 10}
+
+
+def test_unknown_nuisance_factor_is_refused():
+    with pytest.raises(ValueError, match="unknown nuisance factors; use True, False or some of"):
+        make_clip("shape", np.random.default_rng(0), shifted=("colour",))
+
+
 def test_question_weights_set_the_mix_of_a_split(tmp_path):
     uniform = generate_dataset(tmp_path / "uniform", {"train": 30}, seed=5)["train"].read_text().splitlines()
     weighted = generate_dataset(tmp_path / "weighted", {"train": 30}, seed=5,

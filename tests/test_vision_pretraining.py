@@ -10,7 +10,7 @@ import torch
 from transformers import AutoProcessor
 
 from storm_transformers import StormForConditionalGeneration
-from storm_transformers.training.synthetic import COLORS, SHAPES
+from storm_transformers.training.synthetic import COLORS, SHAPES, shape_mask
 from storm_transformers.training.vision_pretraining import NUM_OBJECTS, labelled_frame, pretrain_vision_tower
 from tests.storm_testing import tiny_config
 
@@ -18,16 +18,18 @@ SHIPPED = Path(__file__).parent.parent / "checkpoints" / "storm-tiny-synthetic"
 PATCH = 8
 
 
-def test_labels_are_what_the_frame_shows():
+@pytest.mark.parametrize("radii", [(8, 8), (5, 10)])
+def test_labels_are_what_the_frame_shows(radii):
     rng = np.random.default_rng(0)
-    counts = set()
+    counts, areas = set(), set()
     for _ in range(60):
-        frame, patches, present, centre = labelled_frame(rng, PATCH)
+        frame, patches, present, centre = labelled_frame(rng, PATCH, radii)
         assert frame.shape == (64, 64, 3) and patches.shape == (64,) and present.shape == (NUM_OBJECTS,)
         counts.add(int(present.sum()))
         for cls in np.flatnonzero(present):
             shape, colour = SHAPES[cls // len(COLORS)], list(COLORS)[cls % len(COLORS)]
             painted = np.all(frame == COLORS[colour], axis=-1)  # (64, 64) pixels of that object
+            areas.add((shape, int(painted.sum())))
             coverage = painted.reshape(8, PATCH, 8, PATCH).sum(axis=(1, 3)).reshape(-1)  # (64,) per patch
             np.testing.assert_array_equal(patches == 1 + cls, coverage * 4 >= PATCH**2)
             if present.sum() == 1:
@@ -38,6 +40,9 @@ def test_labels_are_what_the_frame_shows():
             assert np.isnan(centre).all()
         assert set(np.unique(patches)) <= {0, *(1 + np.flatnonzero(present))}
     assert counts == {0, 1, 2}
+    drawn = {radius for radius in range(1, 12) for shape in SHAPES
+             if (shape, int(shape_mask(shape, 32, 32, radius).sum())) in areas}
+    assert drawn == set(range(radii[0], radii[1] + 1))  # every radius of the range, and no other
 
 
 def test_stage_zero_trains_the_vision_tower_only():
@@ -58,3 +63,10 @@ def test_stage_zero_refuses_no_steps():
     model = StormForConditionalGeneration(tiny_config(image_size=64))
     with pytest.raises(ValueError, match="max_steps=0 and batch_size=16 must be at least 1"):
         pretrain_vision_tower(model, AutoProcessor.from_pretrained(SHIPPED), max_steps=0, batch_size=16)
+
+
+@pytest.mark.parametrize("radii", [(0, 8), (9, 8), (5, 11)])
+def test_stage_zero_refuses_radii_that_do_not_fit(radii):
+    model = StormForConditionalGeneration(tiny_config(image_size=64))
+    with pytest.raises(ValueError, match=r"must be \(smallest, largest\) px with 1 ≤ smallest ≤ largest ≤ 10"):
+        pretrain_vision_tower(model, AutoProcessor.from_pretrained(SHIPPED), radii=radii)

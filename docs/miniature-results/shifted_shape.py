@@ -29,18 +29,11 @@ model = AutoModelForImageTextToText.from_pretrained(CHECKPOINT, dtype=torch.floa
 processor = AutoProcessor.from_pretrained(CHECKPOINT)
 
 
-def clips(count: int, seed: int, sizes: bool = False, backgrounds: bool = False):
-    """`count` shape clips, `(count, 8, 64, 64, 3)` uint8, their questions and answers; `sizes` / `backgrounds` take
-    that nuisance factor from the shifted clips (`make_clip(shifted=True)`) and keep the other as in training."""
-    radii, texture = synthetic.SHIFTED_RADII, synthetic.shifted_background
-    synthetic.SHIFTED_RADII = radii if sizes else (synthetic.RADIUS,)
-    synthetic.shifted_background = texture if backgrounds else synthetic.background
-    try:
-        rng = np.random.default_rng([11, seed])
-        made = [synthetic.make_clip("shape", rng, shifted=sizes or backgrounds) for _ in range(count)]
-    finally:
-        synthetic.SHIFTED_RADII, synthetic.shifted_background = radii, texture
-    frames, questions, answers = zip(*made)
+def clips(count: int, seed: int, shifted=()):
+    """`count` shape clips, `(count, 8, 64, 64, 3)` uint8, their questions and answers, with the nuisance factors
+    `shifted` (`make_clip`: "size", "background") as in the shifted clips and the others as in training."""
+    rng = np.random.default_rng([11, seed])
+    frames, questions, answers = zip(*(synthetic.make_clip("shape", rng, shifted=shifted) for _ in range(count)))
     return list(frames), list(questions), list(answers)
 
 
@@ -71,9 +64,9 @@ def readouts(frames, questions):
 fit_frames, fit_questions, fit_labels = clips(FIT, 0)
 fit_projected, fit_visual, _ = readouts(fit_frames, fit_questions)
 rows = {}
-for name, sizes, backgrounds in [("as in training", False, False), ("other sizes only", True, False),
-                                 ("other backgrounds only", False, True), ("shifted (both)", True, True)]:
-    frames, questions, labels = clips(TEST, 1, sizes, backgrounds)
+for name, shifted in [("as in training", ()), ("other sizes only", ("size",)),
+                      ("other backgrounds only", ("background",)), ("shifted (both)", ("size", "background"))]:
+    frames, questions, labels = clips(TEST, 1, shifted)
     projected, visual, answers = readouts(frames, questions)
     rows[name] = {
         "probe, projector tokens": round(_linear_probe(fit_projected, fit_labels, projected, labels), 4),

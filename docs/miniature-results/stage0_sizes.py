@@ -39,34 +39,20 @@ layer = model.config.vision_feature_layer
 def shape_clips(count: int, seed: int, sizes: bool):
     """First frames of `count` shape clips `(count, 3, 64, 64)` as the video processor prepares them, and the
     shapes; `sizes`: the shifted clips' radii (6 or 10 px), on the training backgrounds."""
-    texture, radii = synthetic.shifted_background, synthetic.SHIFTED_RADII
-    synthetic.shifted_background = synthetic.background
-    synthetic.SHIFTED_RADII = radii if sizes else (synthetic.RADIUS,)
-    try:
-        rng = np.random.default_rng([11, seed])
-        frames, _, answers = zip(*(synthetic.make_clip("shape", rng, shifted=sizes) for _ in range(count)))
-    finally:
-        synthetic.shifted_background, synthetic.SHIFTED_RADII = texture, radii
+    rng = np.random.default_rng([11, seed])
+    frames, _, answers = zip(*(synthetic.make_clip("shape", rng, shifted=("size",) if sizes else ())
+                               for _ in range(count)))
     pixels = processor.video_processor(videos=[np.stack([clip[0] for clip in frames])], do_sample_frames=False,
                                        return_tensors="pt")["pixel_values_videos"][0]  # (count, 3, 64, 64)
     return pixels, list(answers)
 
 
-def pretrained_tower(jitter: bool):
-    """A fresh tower (seed 0) after `STEPS` stage-0 steps; `jitter`: every object's radius drawn from 5–10 px."""
+def pretrained_tower(radii):
+    """A fresh tower (seed 0) after `STEPS` stage-0 steps with shape radii drawn from `radii` px."""
     torch.manual_seed(0)
     model.model.vision_tower = AutoModel.from_config(model.config.vision_config).to(DEVICE)
-    mask, radius = vision_pretraining.shape_mask, vision_pretraining.RADIUS
-    if jitter:
-        sizes = np.random.default_rng(5)
-        vision_pretraining.shape_mask = lambda shape, cx, cy: mask(shape, cx, cy, int(sizes.integers(5, 11)))
-        vision_pretraining.RADIUS = 10  # placement as for the largest (at 11 two objects may find no room: 2.5 radii apart)
-    try:
-        history = vision_pretraining.pretrain_vision_tower(model, processor, max_steps=STEPS, batch_size=BATCH,
-                                                           num_workers=0, log_every=100)
-    finally:
-        vision_pretraining.shape_mask, vision_pretraining.RADIUS = mask, radius
-    return history
+    return vision_pretraining.pretrain_vision_tower(model, processor, max_steps=STEPS, batch_size=BATCH, radii=radii,
+                                                    num_workers=0, log_every=100)
 
 
 def features(pixels):  # (F, 3, 64, 64) → (F, 64·96)
@@ -78,8 +64,8 @@ fit, fit_labels = shape_clips(1000, 0, sizes=False)
 shifted_fit, shifted_fit_labels = shape_clips(1000, 2, sizes=True)
 tests = {"as in training": shape_clips(300, 1, sizes=False), "shifted sizes (6, 10 px)": shape_clips(300, 1, sizes=True)}
 rows = {}
-for name, jitter in [("stage 0 as shipped (radius 8)", False), ("stage 0, radii 5–10 px", True)]:
-    history = pretrained_tower(jitter)
+for name, radii in [("stage 0 as shipped (radius 8)", (8, 8)), ("stage 0, radii 5–10 px", (5, 10))]:
+    history = pretrained_tower(radii)
     train = features(fit)
     rows[name] = {"history": history, **{
         test: round(_linear_probe(train, fit_labels, features(pixels), labels), 4)

@@ -13,8 +13,9 @@ stand-in for the paper's pretrained SigLIP; about 1 minute on an H200). Then for
 a random tiny STORM (a SigLIP-architecture encoder, the temporal encoder and a Qwen2-architecture LLM, all from
 scratch, with the real Qwen2 tokenizer), puts that tower in, and trains it with the project's recipe (`sft.py`:
 stage 1 alignment, then SFT with the tower frozen; `--vision-steps 0` skips stage 0 and trains the tower end to end
-instead; `--curriculum direction` puts an SFT stage on the direction questions alone before SFT on the whole split,
-which is how the shipped `bi-k4` learned direction: docs/miniature.md). Each run is evaluated with greedy answers on
+instead, `--vision-radii 5 10` shows stage 0 shapes of radius 5–10 px instead of the QA clips' 8;
+`--curriculum direction` puts an SFT stage on the direction questions alone before SFT on the whole split, which is
+how the shipped `bi-k4` learned direction: docs/miniature.md). Each run is evaluated with greedy answers on
 the test split by question type (32-frame configurations also with test-time temporal sampling s = 2), on shifted
 test clips (other backgrounds, shape sizes and speeds), with linear probes of its visual tokens (`representation`),
 and at `CURVE_POINTS` points along SFT on the validation split (per-type learning curves), in processes of their own
@@ -50,7 +51,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from .synthetic import CHANCE, TEMPORAL_TYPES
+from .synthetic import CHANCE, RADIUS, TEMPORAL_TYPES
 
 CONFIGS = {
     "linear-k4": {"layers": 0, "bidirectional": True, "k": 4, "frames": 8},
@@ -179,15 +180,16 @@ def _question_weight(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not TYPE=WEIGHT (e.g. direction=3)") from None
 
 
-def pretrain_vision(output: Path, tokenizer_dir: Path, seed: int, steps: int, log) -> tuple[Path, list[dict]]:
+def pretrain_vision(output: Path, tokenizer_dir: Path, seed: int, steps: int, radii: tuple[int, int],
+                    log) -> tuple[Path, list[dict]]:
     """Stage 0 for `seed`: a random STORM (vision tower as in every configuration) whose tower is trained on
-    labelled single frames (`vision_pretraining.py`); returns its folder and the training log. Runs before the
-    configurations' threads start."""
+    labelled single frames with shape radii drawn from `radii` px (`vision_pretraining.py`); returns its folder and
+    the training log. Runs before the configurations' threads start."""
     from .vision_pretraining import pretrain_checkpoint
 
     folder = output / "runs" / f"vision-seed{seed}"
     init = build_initial(folder / "init", tokenizer_dir, "linear-k8", seed)
-    return pretrain_checkpoint(init, folder / "stage0", overwrite=True, max_steps=steps, seed=seed,
+    return pretrain_checkpoint(init, folder / "stage0", overwrite=True, max_steps=steps, seed=seed, radii=radii,
                                num_workers=min(8, os.cpu_count() or 1), log_every=max(1, steps // 5), log=log)
 
 
@@ -519,6 +521,8 @@ def export(run_dir: Path, results: dict, name: str, seed: int, output_dir: Path,
     args = results["args"]
     curriculum = (f"then SFT on the training split's {', '.join(args['curriculum'])} questions alone "
                   f"({args['curriculum_steps']} steps, a curriculum), " if args.get("curriculum") else "")
+    smallest, largest = args.get("vision_radii", (RADIUS, RADIUS))
+    stage0_radii = f"shapes of radius {smallest if smallest == largest else f'{smallest}–{largest}'} px"
     shifted = next((r for r in results.get("shifted", {}).get(f"{name}@s1", []) if r["seed"] == seed), None)
     shifted_by_type = shifted and ", ".join(f"{kind} {100 * value:.0f}%" for kind, value in shifted["by type"].items())
     settings = CONFIGS[name]
@@ -538,7 +542,7 @@ def export(run_dir: Path, results: dict, name: str, seed: int, output_dir: Path,
             f"Trained with `{command}` (storm_transformers/training/miniature.py, one H200): a random STORM with the "
             "real Qwen2 tokenizer; stage 0 trains its vision tower on labelled single frames (what covers each "
             f"patch, which objects a frame holds, where; {args['vision_steps']} steps of 128 frames, "
-            "`vision_pretraining.py`); stage 1 (alignment: projector and temporal encoder, "
+            f"{stage0_radii}, `vision_pretraining.py`); stage 1 (alignment: projector and temporal encoder, "
             f"{args['alignment_steps']} steps), {curriculum}then SFT of everything but the frozen vision tower "
             f"({args['sft_steps']} steps), batch 16, on {args['train_size']} synthetic 8-frame 64×64 clips (data "
             f"seed {args['data_seed']}; question types in the proportions {dict(args['train_mix'])}). "
@@ -574,6 +578,9 @@ def main(argv=None):
     parser.add_argument("--test-size", type=int, default=DATA_SIZES["test"])
     parser.add_argument("--vision-steps", type=int, default=1500,
                         help="stage 0 steps (128 frames each); 0: no stage 0, the tower is trained end to end in SFT")
+    parser.add_argument("--vision-radii", type=int, nargs=2, default=[RADIUS, RADIUS], metavar=("SMALLEST", "LARGEST"),
+                        help="stage 0: shape radius range in px, drawn per object (default: the QA clips' radius "
+                        "only); e.g. 5 10 for shapes of many sizes")
     parser.add_argument("--alignment-steps", type=int, default=100)
     parser.add_argument("--sft-steps", type=int, default=2000)
     parser.add_argument("--train-mix", nargs="+", type=_question_weight, default=list(TRAIN_MIX.items()),
@@ -640,7 +647,8 @@ def main(argv=None):
                                     initializer=_evaluation_process, initargs=(workers,))
     towers, probes = {}, []
     for seed in args.seeds if args.vision_steps else ():  # stage 0, once per seed, shared by every configuration
-        towers[seed], history = pretrain_vision(output, tokenizer_dir, seed, args.vision_steps, log)
+        towers[seed], history = pretrain_vision(output, tokenizer_dir, seed, args.vision_steps,
+                                                tuple(args.vision_radii), log)
         record("vision pretraining", {f"seed{seed}": history})
         for stage in ("init", "stage0"):
             probes.append((f"{stage}-seed{seed}", evaluator.submit(representation, towers[seed].parent / stage,

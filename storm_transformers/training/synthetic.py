@@ -20,6 +20,7 @@ paths relative to the data folder), plus `question_type` and `temporal` columns.
 """
 
 import json
+from collections.abc import Collection
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -36,8 +37,9 @@ TEMPORAL_TYPES = ("direction", "order", "count", "change")
 CHANCE = {"direction": 1 / 4, "order": 1 / 2, "count": 1 / 3, "change": 1 / 3, "color": 1 / 4, "shape": 1 / 3}
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # seed offsets, so that no clip repeats across splits
 RADIUS = 8
-# Nuisance factors of the shifted test clips (`shifted=True`): other shape sizes and slower motion (and other
-# background textures, `shifted_background`).
+# Nuisance factors of the shifted test clips (`make_clip(..., shifted=...)`): other background textures
+# (`shifted_background`), other shape sizes and slower motion.
+SHIFTS = ("background", "size", "speed")
 SHIFTED_RADII, SHIFTED_STEP = (6, 10), (3.0, 4.0)
 
 
@@ -93,11 +95,11 @@ class Scene:
     """`NUM_FRAMES` = 8 beats over one background, each beat `frames_per_beat` frames long; `draw` paints a shape
     on chosen beats, at one position or at one position per frame."""
 
-    def __init__(self, rng: np.random.Generator, frames_per_beat: int = 1, shifted: bool = False):
+    def __init__(self, rng: np.random.Generator, frames_per_beat: int = 1, shifts: frozenset = frozenset()):
         self.frames_per_beat = frames_per_beat
-        self.frames = np.repeat((shifted_background if shifted else background)(rng)[None],
+        self.frames = np.repeat((shifted_background if "background" in shifts else background)(rng)[None],
                                 NUM_FRAMES * frames_per_beat, axis=0)
-        self.radius = int(rng.choice(SHIFTED_RADII)) if shifted else RADIUS
+        self.radius = int(rng.choice(SHIFTED_RADII)) if "size" in shifts else RADIUS
 
     def draw(self, shape: str, color: str, positions, beats=range(NUM_FRAMES)):
         for beat in beats:
@@ -131,29 +133,33 @@ def runs_pattern(rng, runs: int, on: int = 4) -> list[int]:
 
 
 def make_clip(question_type: str, rng: np.random.Generator, num_frames: int = NUM_FRAMES,
-              shifted: bool = False) -> tuple[np.ndarray, str, str]:
+              shifted: bool | Collection[str] = False) -> tuple[np.ndarray, str, str]:
     """Frames `(num_frames, 64, 64, 3)` uint8, question and answer of one clip of `question_type`.
 
     Every clip tells its story in `NUM_FRAMES` = 8 beats; `num_frames` = 8·m stretches each beat over m frames (a
     moving shape moves m times slower, in m times more steps), so that longer clips ask the same questions with
     neighbouring frames that are nearly redundant, the regime of the paper's test-time temporal sampling (§3.3).
     The random draws do not depend on `num_frames`: the same seed tells the same story at every length.
-    `shifted=True` changes the nuisance factors (not the questions): other background textures
-    (`shifted_background`), shape radius 6 or 10 px instead of 8, slower motion (`SHIFTED_STEP` px per beat).
+    `shifted` changes nuisance factors (not the questions): `True` all of `SHIFTS`, or some of them by name:
+    `"background"` other textures (`shifted_background`), `"size"` shape radius 6 or 10 px instead of 8, `"speed"`
+    slower motion (`SHIFTED_STEP` px per beat).
 
     Raises:
-        ValueError: `num_frames` is not a positive multiple of 8.
+        ValueError: `num_frames` is not a positive multiple of 8; `shifted` names a factor not in `SHIFTS`.
     """
     if num_frames < NUM_FRAMES or num_frames % NUM_FRAMES:
         raise ValueError(f"num_frames={num_frames} must be a positive multiple of {NUM_FRAMES} (the story's beats).")
+    shifts = frozenset(SHIFTS if shifted is True else shifted or ())
+    if not shifts <= set(SHIFTS):
+        raise ValueError(f"shifted={shifted!r} names unknown nuisance factors; use True, False or some of {SHIFTS}.")
     per_beat = num_frames // NUM_FRAMES
-    scene = Scene(rng, per_beat, shifted)
+    scene = Scene(rng, per_beat, shifts)
     radius = scene.radius
     (color, shape), (other_color, other_shape) = _two_objects(rng)
     if question_type == "direction":
         direction = str(rng.choice(list(DIRECTIONS)))
         dx, dy = DIRECTIONS[direction]
-        step = rng.uniform(*SHIFTED_STEP) if shifted else rng.uniform(4.5, 5.5)
+        step = rng.uniform(*SHIFTED_STEP) if "speed" in shifts else rng.uniform(4.5, 5.5)
         across = rng.uniform(radius + 4, SIZE - radius - 4)
         start = radius + 2 + (SIZE - 2 * radius - 4 - 7 * step) * rng.random()
         scale = (NUM_FRAMES - 1) / (num_frames - 1)  # the same path in num_frames steps (1.0 at 8 frames)
@@ -220,7 +226,7 @@ def _row(args) -> dict:
 
 
 def generate_dataset(output_dir, sizes: dict[str, int], seed: int = 0, workers: int = 1,
-                     num_frames: int = NUM_FRAMES, shifted: bool = False,
+                     num_frames: int = NUM_FRAMES, shifted: bool | Collection[str] = False,
                      question_weights: dict[str, float] | None = None) -> dict[str, Path]:
     """Write `sizes[split]` clips per split into `output_dir/videos/<split>/` and `output_dir/<split>.jsonl`.
 
@@ -230,7 +236,8 @@ def generate_dataset(output_dir, sizes: dict[str, int], seed: int = 0, workers: 
         seed: the data seed; each split draws from its own stream (`seed * 3 + split offset`).
         workers: processes that render and encode in parallel (the result does not depend on it).
         num_frames: frames per clip, a multiple of 8 (`make_clip`); the same seed tells the same stories.
-        shifted: other nuisance factors (`make_clip`), for measuring generalisation.
+        shifted: other nuisance factors, all (`True`) or some of `SHIFTS` (`make_clip`), for measuring
+            generalisation.
         question_weights: relative frequency of each question type (keys from `QUESTION_TYPES`, missing ones 0), e.g.
             more of the types a model learns slowly in a training split; uniform when `None`.
 

@@ -12,7 +12,9 @@ projects (`vision_hidden_state` at `config.vision_feature_layer`):
   object, where its centre is (x, y in [0, 1]).
 
 The per-token target keeps every token about its own patch; the per-frame position target makes the mean of a
-frame's tokens (what temporal and spatial pooling compute) say where the object is. The LLM-side stages then run
+frame's tokens (what temporal and spatial pooling compute) say where the object is. Shapes are drawn at the QA clips'
+radius (8 px) unless `--radii` asks for a range: a tower that has seen one size only loses the shape at other sizes
+(docs/miniature.md, "Why it fails on the shifted clips"). The LLM-side stages then run
 with the tower frozen (`trainable_modules` without `vision_tower`, `configs/miniature_*.yaml`).
 
 ```bash
@@ -34,6 +36,7 @@ from .synthetic import COLORS, RADIUS, SHAPES, SIZE, background, shape_mask
 NUM_OBJECTS = len(SHAPES) * len(COLORS)  # 12 (shape, colour) classes; patch class 0 is the background
 OBJECTS_PER_FRAME = (0, 1, 2)
 OBJECTS_PER_FRAME_P = (0.1, 0.6, 0.3)
+MAX_RADIUS = 10  # px: two objects 2.5 radii apart always fit in a 64 px frame
 
 
 def object_class(shape: str, color: str) -> int:
@@ -41,9 +44,12 @@ def object_class(shape: str, color: str) -> int:
     return SHAPES.index(shape) * len(COLORS) + list(COLORS).index(color)
 
 
-def labelled_frame(rng: np.random.Generator, patch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def labelled_frame(rng: np.random.Generator, patch_size: int, radii: tuple[int, int] = (RADIUS, RADIUS),
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One frame as `synthetic.py` draws them (textured background, 0–2 objects of distinct shape and colour, no
-    overlap) with what it shows.
+    overlap) with what it shows. `radii` = (smallest, largest) px: each object's radius is drawn uniformly from that
+    range (the QA clips draw 8 only: the default, whose frames are those of the shipped recipe; a range shows the
+    tower shapes of many sizes, as a pretrained SigLIP has seen them).
 
     Returns:
         frame `(64, 64, 3)` uint8; patch classes `(64 / patch_size)²` int64 (0 background, 1 + `object_class` where
@@ -60,12 +66,13 @@ def labelled_frame(rng: np.random.Generator, patch_size: int) -> tuple[np.ndarra
     centre = np.full(2, np.nan, dtype=np.float32)
     centres: list[tuple[float, float]] = []
     for color, shape in zip(colors, shapes):
-        while True:  # a centre anywhere a synthetic clip puts one, 2.5 radii from the others (as `_place`)
-            cx, cy = rng.uniform(RADIUS + 2, SIZE - RADIUS - 2, size=2)
-            if all(math.hypot(cx - a, cy - b) > 2.5 * RADIUS for a, b in centres):
+        radius = radii[0] if radii[0] == radii[1] else int(rng.integers(radii[0], radii[1] + 1))
+        while True:  # a centre anywhere a synthetic clip puts one, 2.5 largest radii from the others (as `_place`)
+            cx, cy = rng.uniform(radius + 2, SIZE - radius - 2, size=2)
+            if all(math.hypot(cx - a, cy - b) > 2.5 * radii[1] for a, b in centres):
                 break
         centres.append((cx, cy))
-        mask = shape_mask(str(shape), cx, cy)
+        mask = shape_mask(str(shape), cx, cy, radius)
         frame[mask] = COLORS[str(color)]
         cls = object_class(str(shape), str(color))
         coverage = mask.reshape(grid, patch_size, grid, patch_size).sum(axis=(1, 3))  # (grid, grid) pixels
@@ -108,14 +115,15 @@ class LabelledFrames(torch.utils.data.IterableDataset):
     DataLoader worker draws from its own stream (`[seed, worker id]`), so the frames depend on the seed and on the
     number of workers."""
 
-    def __init__(self, processor, patch_size: int, batch_size: int, seed: int):
+    def __init__(self, processor, patch_size: int, batch_size: int, seed: int, radii: tuple[int, int]):
         self.processor, self.patch_size, self.batch_size, self.seed = processor, patch_size, batch_size, seed
+        self.radii = radii
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, worker.id if worker else 0])
         while True:
-            frames, patches, present, centre = zip(*(labelled_frame(rng, self.patch_size)
+            frames, patches, present, centre = zip(*(labelled_frame(rng, self.patch_size, self.radii)
                                                      for _ in range(self.batch_size)))
             pixels = self.processor.video_processor(videos=[np.stack(frames)], do_sample_frames=False,
                                                     return_tensors="pt")["pixel_values_videos"][0]
@@ -123,7 +131,8 @@ class LabelledFrames(torch.utils.data.IterableDataset):
 
 
 def pretrain_vision_tower(model, processor, max_steps: int = 1500, batch_size: int = 128, learning_rate: float = 1e-3,
-                          seed: int = 0, num_workers: int = 4, log_every: int = 100, log=print) -> list[dict]:
+                          seed: int = 0, radii: tuple[int, int] = (RADIUS, RADIUS), num_workers: int = 4,
+                          log_every: int = 100, log=print) -> list[dict]:
     """Train `model.model.vision_tower` in place on generated frames (module docstring); everything else untouched.
 
     Args:
@@ -131,18 +140,22 @@ def pretrain_vision_tower(model, processor, max_steps: int = 1500, batch_size: i
         processor (`StormProcessor`): its video processor prepares the frames exactly as for training clips.
         max_steps, batch_size (frames), learning_rate: AdamW with 5% warmup then cosine decay, weight decay 0.01.
         seed: the frames' and the heads' seed.
+        radii: (smallest, largest) shape radius in px, drawn per object (`labelled_frame`).
         num_workers: DataLoader processes that draw and prepare frames (`LabelledFrames`).
 
     Returns:
         `list[dict]`: every `log_every` steps the mean losses and the patch-class accuracy since the last entry.
 
     Raises:
-        ValueError: `max_steps` or `batch_size` below 1.
+        ValueError: `max_steps` or `batch_size` below 1; `radii` not 1 ≤ smallest ≤ largest ≤ `MAX_RADIUS`.
     """
     from storm_transformers.modeling_storm import vision_hidden_state
 
     if max_steps < 1 or batch_size < 1:
         raise ValueError(f"max_steps={max_steps} and batch_size={batch_size} must be at least 1.")
+    if not 1 <= radii[0] <= radii[1] <= MAX_RADIUS:
+        raise ValueError(f"radii={tuple(radii)} must be (smallest, largest) px with 1 ≤ smallest ≤ largest ≤ "
+                         f"{MAX_RADIUS} (two objects 2.5 largest radii apart must fit in a {SIZE} px frame).")
     tower = model.model.vision_tower
     patch_size, layer = tower.config.patch_size, model.config.vision_feature_layer
     device = next(tower.parameters()).device
@@ -154,7 +167,8 @@ def pretrain_vision_tower(model, processor, max_steps: int = 1500, batch_size: i
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / max_steps))))
     batches = torch.utils.data.DataLoader(
-        LabelledFrames(processor, patch_size, batch_size, seed), batch_size=None, num_workers=num_workers)
+        LabelledFrames(processor, patch_size, batch_size, seed, tuple(radii)), batch_size=None,
+        num_workers=num_workers)
     tower.train()
     history, totals, started = [], {}, time.perf_counter()
     for step, batch in zip(range(1, max_steps + 1), batches):
@@ -213,12 +227,14 @@ def main(argv=None):
     parser.add_argument("--per_device_train_batch_size", type=int, default=128, help="frames per step")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--radii", type=int, nargs=2, default=[RADIUS, RADIUS], metavar=("SMALLEST", "LARGEST"),
+                        help=f"shape radius range in px, drawn per object (default {RADIUS} {RADIUS}: the QA clips')")
     parser.add_argument("--dataloader_num_workers", type=int, default=4)
     args = parser.parse_args(argv)
     return pretrain_checkpoint(
         args.model_name_or_path, args.output_dir, max_steps=args.max_steps,
         batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate, seed=args.seed,
-        num_workers=args.dataloader_num_workers)[0]
+        radii=tuple(args.radii), num_workers=args.dataloader_num_workers)[0]
 
 
 if __name__ == "__main__":
