@@ -9,11 +9,11 @@ python -m storm_transformers.training.miniature --output runs/miniature --seeds 
 ```
 
 For every seed it first trains a vision tower on labelled single frames (stage 0, `vision_pretraining.py`: the
-stand-in for the paper's pretrained SigLIP; about 1 minute on an H200). Then for every configuration below it builds
+stand-in for the paper's pretrained SigLIP; 1–2 minutes on an H200). Then for every configuration below it builds
 a random tiny STORM (a SigLIP-architecture encoder, the temporal encoder and a Qwen2-architecture LLM, all from
 scratch, with the real Qwen2 tokenizer), puts that tower in, and trains it with the project's recipe (`sft.py`:
 stage 1 alignment, then SFT with the tower frozen; `--vision-steps 0` skips stage 0 and trains the tower end to end
-instead, `--vision-radii 5 10` shows stage 0 shapes of radius 5–10 px instead of the QA clips' 8;
+instead; stage 0 shows shapes of radius 5–10 px, `--vision-radii 8 8` only the QA clips' 8;
 `--curriculum direction` puts an SFT stage on the direction questions alone before SFT on the whole split, which is
 how the shipped `bi-k4` learned direction: docs/miniature.md). Each run is evaluated with greedy answers on
 the test split by question type (32-frame configurations also with test-time temporal sampling s = 2), on shifted
@@ -21,8 +21,8 @@ test clips (other backgrounds, shape sizes and speeds), with linear probes of it
 and at `CURVE_POINTS` points along SFT on the validation split (per-type learning curves), in processes of their own
 beside the training runs. Same data, steps and seeds for every
 row; the training split asks more of the question types learned late (`TRAIN_MIX`, `--train-mix`), the test split
-is uniform. On one H200 (16 cores) the seven key configurations of one seed take 400–470 s (`--parallel 7`, the
-default). Results: `<output>/results.json` and `<output>/results.md`; checkpoints under
+is uniform. On one H200 (16 cores) the seven key configurations of one seed took 400–470 s (`--parallel 7`, the
+default; with the earlier 1500-step stage 0, ~40 s shorter). Results: `<output>/results.json` and `<output>/results.md`; checkpoints under
 `<output>/runs/<config>-seed<seed>/sft`; the clips under `<output>/data*`, reused by a later run with the same data
 arguments.
 
@@ -52,6 +52,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from .synthetic import CHANCE, RADIUS, TEMPORAL_TYPES
+from .vision_pretraining import STAGE0_RADII, STAGE0_STEPS
 
 CONFIGS = {
     "linear-k4": {"layers": 0, "bidirectional": True, "k": 4, "frames": 8},
@@ -576,11 +577,11 @@ def main(argv=None):
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=DATA_SIZES["train"])
     parser.add_argument("--test-size", type=int, default=DATA_SIZES["test"])
-    parser.add_argument("--vision-steps", type=int, default=1500,
+    parser.add_argument("--vision-steps", type=int, default=STAGE0_STEPS,
                         help="stage 0 steps (128 frames each); 0: no stage 0, the tower is trained end to end in SFT")
-    parser.add_argument("--vision-radii", type=int, nargs=2, default=[RADIUS, RADIUS], metavar=("SMALLEST", "LARGEST"),
-                        help="stage 0: shape radius range in px, drawn per object (default: the QA clips' radius "
-                        "only); e.g. 5 10 for shapes of many sizes")
+    parser.add_argument("--vision-radii", type=int, nargs=2, default=list(STAGE0_RADII),
+                        metavar=("SMALLEST", "LARGEST"), help="stage 0: shape radius range in px, drawn per object "
+                        f"(default %(default)s; {RADIUS} {RADIUS}: the QA clips' radius only, as before 2026-12-03)")
     parser.add_argument("--alignment-steps", type=int, default=100)
     parser.add_argument("--sft-steps", type=int, default=2000)
     parser.add_argument("--train-mix", nargs="+", type=_question_weight, default=list(TRAIN_MIX.items()),

@@ -12,14 +12,14 @@ projects (`vision_hidden_state` at `config.vision_feature_layer`):
   object, where its centre is (x, y in [0, 1]).
 
 The per-token target keeps every token about its own patch; the per-frame position target makes the mean of a
-frame's tokens (what temporal and spatial pooling compute) say where the object is. Shapes are drawn at the QA clips'
-radius (8 px) unless `--radii` asks for a range: a tower that has seen one size only loses the shape at other sizes
+frame's tokens (what temporal and spatial pooling compute) say where the object is. Shapes are drawn at radii of
+5–10 px (`--radii`; the QA clips draw 8): a tower that has seen one size only loses the shape at other sizes
 (docs/miniature.md, "Why it fails on the shifted clips"). The LLM-side stages then run
 with the tower frozen (`trainable_modules` without `vision_tower`, `configs/miniature_*.yaml`).
 
 ```bash
 python -m storm_transformers.training.vision_pretraining --model_name_or_path runs/init \
-    --output_dir runs/vision --max_steps 1500
+    --output_dir runs/vision --max_steps 3000 --radii 5 10
 ```
 """
 
@@ -37,6 +37,10 @@ NUM_OBJECTS = len(SHAPES) * len(COLORS)  # 12 (shape, colour) classes; patch cla
 OBJECTS_PER_FRAME = (0, 1, 2)
 OBJECTS_PER_FRAME_P = (0.1, 0.6, 0.3)
 MAX_RADIUS = 10  # px: two objects 2.5 radii apart always fit in a 64 px frame
+# Stage 0's defaults: shapes of radius 5–10 px (the QA clips draw 8, the shifted ones 6 or 10) for 3000 steps of 128
+# frames; with 8 px only, or 1500 steps, shape is lost at other sizes or weaker at 8 (docs/miniature.md, "Stage 0
+# with shapes of many sizes").
+STAGE0_RADII, STAGE0_STEPS = (5, 10), 3000
 
 
 def object_class(shape: str, color: str) -> int:
@@ -130,8 +134,9 @@ class LabelledFrames(torch.utils.data.IterableDataset):
             yield pixels, *(torch.from_numpy(np.stack(values)) for values in (patches, present, centre))
 
 
-def pretrain_vision_tower(model, processor, max_steps: int = 1500, batch_size: int = 128, learning_rate: float = 1e-3,
-                          seed: int = 0, radii: tuple[int, int] = (RADIUS, RADIUS), num_workers: int = 4,
+def pretrain_vision_tower(model, processor, max_steps: int = STAGE0_STEPS, batch_size: int = 128,
+                          learning_rate: float = 1e-3, seed: int = 0, radii: tuple[int, int] = STAGE0_RADII,
+                          num_workers: int = 4,
                           log_every: int = 100, log=print) -> list[dict]:
     """Train `model.model.vision_tower` in place on generated frames (module docstring); everything else untouched.
 
@@ -223,12 +228,13 @@ def main(argv=None):
                                      "(see the module docstring) and save the whole model.")
     parser.add_argument("--model_name_or_path", required=True, help="a STORM folder (e.g. a random initialisation)")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--max_steps", type=int, default=1500)
+    parser.add_argument("--max_steps", type=int, default=STAGE0_STEPS)
     parser.add_argument("--per_device_train_batch_size", type=int, default=128, help="frames per step")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--radii", type=int, nargs=2, default=[RADIUS, RADIUS], metavar=("SMALLEST", "LARGEST"),
-                        help=f"shape radius range in px, drawn per object (default {RADIUS} {RADIUS}: the QA clips')")
+    parser.add_argument("--radii", type=int, nargs=2, default=list(STAGE0_RADII), metavar=("SMALLEST", "LARGEST"),
+                        help="shape radius range in px, drawn per object (default %(default)s; the QA clips draw "
+                        f"{RADIUS} only)")
     parser.add_argument("--dataloader_num_workers", type=int, default=4)
     args = parser.parse_args(argv)
     return pretrain_checkpoint(
