@@ -1,5 +1,8 @@
-# Run on the shared 2-core CPU machine (2026-12-02) as `python docs/miniature-results/shifted_shape.py` (~2 min);
-# prints a table and writes docs/miniature-results/shifted-shape.json.
+# Run on the shared 2-core CPU machine as `python docs/miniature-results/shifted_shape.py [CHECKPOINT [OUT]]` (~2 min
+# alone; defaults: the shipped checkpoint, docs/miniature-results/shifted-shape.json); prints a table and writes OUT.
+# shifted-shape.json: the checkpoint shipped until 2026-12-03 (stage 0 at 8 px), 2026-12-02, with this script as of
+# commit 3995e17 (its "other backgrounds only" clips drew one more number per clip); shifted-shape-stage0-5-10.json:
+# the checkpoint shipped since (stage 0 at 5–10 px), 2026-12-03.
 """Where does the shipped checkpoint lose `shape` on the shifted clips (48%, against 93% on the test split)?
 
 A linear probe (the one `miniature.representation` uses) is fitted on clean `shape` clips and scored on held-out
@@ -23,7 +26,9 @@ from storm_transformers.training import synthetic
 from storm_transformers.training.miniature import _linear_probe
 
 torch.set_num_threads(2)
-CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "storm-tiny-synthetic"
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "storm-tiny-synthetic"
+CHECKPOINT = Path(sys.argv[1]) if len(sys.argv) > 1 else SHIPPED
+OUT = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).with_name("shifted-shape.json")
 FIT, TEST = 1000, 300
 model = AutoModelForImageTextToText.from_pretrained(CHECKPOINT, dtype=torch.float32).eval()
 processor = AutoProcessor.from_pretrained(CHECKPOINT)
@@ -75,8 +80,7 @@ for name, shifted in [("as in training", ()), ("other sizes only", ("size",)),
         "answers given": {answer: answers.count(answer) for answer in sorted(set(answers))},
     }
     print(name, rows[name], flush=True)
-out = Path(__file__).with_name("shifted-shape.json")
-out.write_text(json.dumps({"command": " ".join(sys.argv), "fit clips": FIT, "test clips": TEST, "rows": rows},
+OUT.write_text(json.dumps({"command": " ".join(sys.argv), "fit clips": FIT, "test clips": TEST, "rows": rows},
                           indent=1) + "\n")
 columns = ["probe, projector tokens", "probe, LLM input", "model's answers"]
 print("\n| shape clips | " + " | ".join(columns) + " |\n|---|---|---|---|")

@@ -1,7 +1,9 @@
 # Run on the shared 2-core CPU machine (2026-12-03, torch 2.14.1) as `python docs/miniature-results/stage0_sizes.py
 # 1500 128` (the stage-0 steps and frames per step of each tower: stage 0's defaults; 755 s and 812 s of stage 0; on a
 # GPU where there is one); prints a table and writes docs/miniature-results/stage0-sizes.json. Only the shipped
-# checkpoint's configuration and processor are read.
+# checkpoint's configuration and processor are read. stage0-sizes.json came from this script as of commit b1af67e,
+# which drew the 5–10 px radii from a generator of their own and placed objects as for radius 10; since fa8a9fb it
+# uses stage 0's `radii` option (each object's radius from the frame's generator, placed for its own size).
 """Does a stage-0 tower that sees shapes of several sizes keep `shape` on the shifted clips' sizes?
 
 `shifted_shape.py` finds the shipped checkpoint's shape features lost at the shifted clips' shape sizes (radius 6 or
