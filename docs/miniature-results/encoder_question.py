@@ -1,15 +1,18 @@
-# Run on the shared 2-core CPU machine (2026-12-02) as `python docs/miniature-results/encoder_direction.py` (~6 min);
-# prints a table and writes docs/miniature-results/encoder-direction.json.
-"""Can the temporal encoder carry `direction` through k = 8 temporal pooling when the loss asks it to directly?
+# Run on the shared 2-core CPU machine as `python docs/miniature-results/encoder_question.py [TYPE]` (TYPE: direction,
+# the default, or count, order, change); prints a table and writes docs/miniature-results/encoder-TYPE.json.
+# encoder-direction.json: 2026-12-02, 2910 s, this script as `encoder_direction.py` (commit 3995e17), with the
+# checkpoint then shipped (stage 0 at 8 px). encoder-count.json: 2026-12-03, with the checkpoint shipped since.
+"""Can the temporal encoder carry `direction` (or another temporal question: TYPE) through temporal pooling when the
+loss asks it to directly?
 
 At k = 8 every miniature run answers direction at chance and its LLM input does not carry it (probe 33–45%,
 docs/miniature.md). That is either capacity (2 Mamba layers of width 48 cannot write motion into the one pooled
 frame) or optimisation (nothing but the LLM's loss asks them to, and the LLM sits at chance). This separates the two
 without an LLM: the shipped checkpoint's stage-0 vision tower and projector (frozen) give each clip's projected
 tokens `(8, 16, 48)`; a fresh temporal encoder of the miniature's size (2 layers, state 16), then temporal pooling,
-then one Linear on the pooled tokens (flattened) is trained with cross-entropy on the direction label. The same
-head without an encoder is the control (what `linear-k8` can read). Fresh clips from the generator (seed stream 7,
-never written to disk), uniform over the four directions; accuracy on 400 held-out clips."""
+then one Linear on the pooled tokens (flattened) is trained with cross-entropy on the answer. The same head without
+an encoder is the control (what `linear-k8` can read). Fresh clips of TYPE from the generator (seed stream 7, never
+written to disk); accuracy on 400 held-out clips."""
 import json
 import statistics
 import sys
@@ -23,19 +26,20 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import storm_transformers  # noqa: F401
 from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig
 from storm_transformers.modeling_storm import temporal_pool
-from storm_transformers.training.synthetic import DIRECTIONS, make_clip
+from storm_transformers.training.synthetic import COLORS, DIRECTIONS, SHAPES, make_clip
 
 torch.set_num_threads(2)
 CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "storm-tiny-synthetic"
 TRAIN, TEST, STEPS, BATCH = 2000, 400, 800, 32
+QUESTION = sys.argv[1] if len(sys.argv) > 1 else "direction"
+ANSWERS = {"direction": list(DIRECTIONS), "count": ["1", "2", "3"], "order": list(SHAPES), "change": list(COLORS)}
 # (name, Mamba layers, bidirectional, k, seeds): the scan runs in torch on the CPU (~1 s a step), so one seed per
 # encoder row; the head alone is cheap.
-ROWS = [
-    ("no encoder, k=8", 0, True, 8, 3),
-    ("no encoder, k=4", 0, True, 4, 3),
-    ("bi, k=8", 2, True, 8, 1),
-    ("uni, k=8", 2, False, 8, 1),
-]
+ROWS = {
+    "direction": [("no encoder, k=8", 0, True, 8, 3), ("no encoder, k=4", 0, True, 4, 3), ("bi, k=8", 2, True, 8, 1),
+                  ("uni, k=8", 2, False, 8, 1)],
+}.get(QUESTION, [("no encoder, k=8", 0, True, 8, 3), ("no encoder, k=4", 0, True, 4, 3), ("bi, k=8", 2, True, 8, 1),
+                 ("bi, k=4", 2, True, 4, 1)])
 t0 = time.time()
 
 
@@ -51,13 +55,13 @@ def summary(runs: list[dict]) -> str:
 
 
 def projected_tokens(count: int, seed: int):
-    """`count` direction clips → the frozen projector's tokens `(count, 8, 16, 48)` and labels `(count,)`."""
+    """`count` clips of `QUESTION` → the frozen projector's tokens `(count, 8, 16, 48)` and labels `(count,)`."""
     rng = np.random.default_rng([7, seed])
     clips, labels = [], []
     for _ in range(count):
-        frames, _, answer = make_clip("direction", rng)  # (8, 64, 64, 3) uint8
+        frames, _, answer = make_clip(QUESTION, rng)  # (8, 64, 64, 3) uint8
         clips.append(frames)
-        labels.append(list(DIRECTIONS).index(answer))
+        labels.append(ANSWERS[QUESTION].index(answer))
     pixels = processor.video_processor(videos=clips, return_tensors="pt")["pixel_values_videos"]  # (B, 8, 3, 64, 64)
     with torch.inference_mode():
         tokens = model.model._frame_tokens(pixels.flatten(0, 1))  # (B·8, 16, 48)
@@ -73,14 +77,14 @@ def run(layers: int, bidirectional: bool, k: int, seed: int, train, test) -> dic
         config = StormTemporalEncoderConfig(hidden_size=width, num_hidden_layers=layers, bidirectional=bidirectional,
                                             state_size=16)
         encoder = StormTemporalEncoder(config)
-    head = torch.nn.Linear(frames // k * tokens * width, len(DIRECTIONS))
+    head = torch.nn.Linear(frames // k * tokens * width, len(ANSWERS[QUESTION]))
     parameters = list(head.parameters()) + (list(encoder.parameters()) if encoder else [])
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
 
-    def logits(batch):  # (B, 8, 16, 48) → (B, 4)
+    def logits(batch):  # (B, 8, 16, 48) → (B, answers)
         if encoder is not None:
             batch = encoder(batch.flatten(1, 2)).view(batch.shape)  # (B, 8·16, 48) scanned (t, row, col)
-        return head(temporal_pool(batch, k).flatten(1))  # (B, 8/k, 16, 48) → (B, 4)
+        return head(temporal_pool(batch, k).flatten(1))  # (B, 8/k, 16, 48) → (B, answers)
 
     curve = []
     generator = torch.Generator().manual_seed(seed)
@@ -105,9 +109,9 @@ results = {}
 for name, layers, bidirectional, k, seeds in ROWS:
     results[name] = [run(layers, bidirectional, k, seed, train, test) for seed in range(seeds)]
     log(f"{name}: {summary(results[name])}; curve of seed 0: {results[name][0]['curve']}")
-out = Path(__file__).with_name("encoder-direction.json")
-out.write_text(json.dumps({"command": " ".join(sys.argv), "train clips": TRAIN, "test clips": TEST, "steps": STEPS,
-                           "batch": BATCH, "results": results}, indent=1) + "\n")
-print("\n| row | direction accuracy, held out |\n|---|---|")
+out = Path(__file__).with_name(f"encoder-{QUESTION}.json")
+out.write_text(json.dumps({"command": " ".join(sys.argv), "question": QUESTION, "train clips": TRAIN,
+                           "test clips": TEST, "steps": STEPS, "batch": BATCH, "results": results}, indent=1) + "\n")
+print(f"\n| row | {QUESTION} accuracy, held out |\n|---|---|")
 for name in results:
     print(f"| {name} | {summary(results[name])} |")
