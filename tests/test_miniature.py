@@ -41,6 +41,16 @@ def test_train_mix_argument_is_type_equals_weight(capsys):
     assert "'direction' is not TYPE=WEIGHT" in capsys.readouterr().err
 
 
+def test_stage_zero_radii_are_checked_before_anything_is_generated(tmp_path, capsys):
+    from storm_transformers.training import miniature
+
+    with pytest.raises(SystemExit):
+        miniature.main(["--output", str(tmp_path / "out"), "--vision-radii", "9", "8"])
+    assert "--vision-radii: radii=(9, 8) must be (smallest, largest) px with 1 ≤ smallest ≤ largest ≤ 10" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_probes_leave_out_a_question_type_the_training_mix_lacks(tmp_path):
     """`representation` on the shipped miniature, with a training split of direction clips only (`--train-mix
     direction=1`): the direction probes are measured, the shape ones (no shape clip to fit on) are left out."""

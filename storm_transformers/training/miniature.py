@@ -52,7 +52,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from .synthetic import CHANCE, RADIUS, TEMPORAL_TYPES
-from .vision_pretraining import STAGE0_RADII, STAGE0_STEPS
+from .vision_pretraining import STAGE0_RADII, STAGE0_STEPS, check_radii
 
 CONFIGS = {
     "linear-k4": {"layers": 0, "bidirectional": True, "k": 4, "frames": 8},
@@ -593,6 +593,10 @@ def main(argv=None):
     parser.add_argument("--parallel", type=int, default=7, help="training runs at once (CPU-bound: about 2 cores each)")
     parser.add_argument("--export", nargs=3, metavar=("CONFIG", "SEED", "DIR"), help="write that run as a checkpoint")
     args = parser.parse_args(argv)
+    try:  # before any clip is generated
+        check_radii(args.vision_radii)
+    except ValueError as error:
+        parser.error(f"--vision-radii: {error}")
 
     from transformers import AutoTokenizer
 

@@ -48,6 +48,13 @@ def object_class(shape: str, color: str) -> int:
     return SHAPES.index(shape) * len(COLORS) + list(COLORS).index(color)
 
 
+def check_radii(radii) -> None:
+    """Raise `ValueError` unless `radii` = (smallest, largest) px with 1 ≤ smallest ≤ largest ≤ `MAX_RADIUS`."""
+    if not 1 <= radii[0] <= radii[1] <= MAX_RADIUS:
+        raise ValueError(f"radii={tuple(radii)} must be (smallest, largest) px with 1 ≤ smallest ≤ largest ≤ "
+                         f"{MAX_RADIUS} (two objects 2.5 largest radii apart must fit in a {SIZE} px frame).")
+
+
 def labelled_frame(rng: np.random.Generator, patch_size: int, radii: tuple[int, int] = (RADIUS, RADIUS),
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One frame as `synthetic.py` draws them (textured background, 0–2 objects of distinct shape and colour, no
@@ -158,9 +165,7 @@ def pretrain_vision_tower(model, processor, max_steps: int = STAGE0_STEPS, batch
 
     if max_steps < 1 or batch_size < 1:
         raise ValueError(f"max_steps={max_steps} and batch_size={batch_size} must be at least 1.")
-    if not 1 <= radii[0] <= radii[1] <= MAX_RADIUS:
-        raise ValueError(f"radii={tuple(radii)} must be (smallest, largest) px with 1 ≤ smallest ≤ largest ≤ "
-                         f"{MAX_RADIUS} (two objects 2.5 largest radii apart must fit in a {SIZE} px frame).")
+    check_radii(radii)
     tower = model.model.vision_tower
     patch_size, layer = tower.config.patch_size, model.config.vision_feature_layer
     device = next(tower.parameters()).device
