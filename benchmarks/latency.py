@@ -536,7 +536,7 @@ def bench_encoder(repeats) -> list[dict]:
                     row["peak memory (GiB)"] = peak_memory_gib()
             rows.append(row)
             print(row, flush=True)
-        del encoder
+        encoder = None  # (not `del`: the lambdas above name it)
         free_memory()
     return rows
 
@@ -666,7 +666,7 @@ def bench_vision(repeats) -> list[dict]:
             row["largest difference from eager (relative)"] = relative_error(output, eager_output)
         rows.append(row)
         print(row, flush=True)
-    del tower
+    tower = None  # (not `del`: run() names it)
     free_memory()
     return rows
 
@@ -738,7 +738,7 @@ def bench_peers(rounds, repeats) -> list[dict]:
         print(rows[-1], flush=True)
     rows.append({"STORM 4× (k=4) TTFT, median over rounds (s)": statistics.median(storm_time),
                  "first call (s)": first["STORM 4× (k=4)"]})
-    del storm, llava
+    storm = llava = None  # (not `del`: the closures above name them)
     free_memory()
     return rows
 
@@ -961,7 +961,7 @@ def bench_fp8(repeats) -> list[dict]:
         rows.append(row)
         print(row, flush=True)
     watch.remove()
-    del model
+    model = None  # (not `del`: a closure above names it)
     free_memory()
     return rows
 
