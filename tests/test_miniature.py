@@ -51,6 +51,32 @@ def test_stage_zero_radii_are_checked_before_anything_is_generated(tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+def test_stage_zero_runs_the_seeds_at_once_each_as_it_would_alone(tmp_path):
+    """`pretrain_towers`: every seed's stage 0 in a spawned process of its own; each gives the tower that
+    `pretrain_vision` trains in this process with the same settings, and the seeds' towers differ."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from storm_transformers.training import miniature
+
+    def tower(folder):
+        return {key: value for key, value in load_file(folder / "model.safetensors").items()
+                if key.startswith("model.vision_tower.")}
+
+    tokenizer = REPO / "checkpoints" / "storm-tiny-synthetic"  # holds tokenizer.json
+    made = miniature.pretrain_towers(tmp_path / "at-once", tokenizer, [0, 1], steps=2, radii=(5, 10))
+    assert sorted(made) == [0, 1] and [entry["step"] for entry in made[1][1]] == [1, 2]
+    workers = min(8, max(1, (os.cpu_count() or 1) // 2))  # each process's share of the DataLoader workers
+    alone, history = miniature.pretrain_vision(tmp_path / "alone", tokenizer, 0, 2, (5, 10), workers)
+    assert history[-1]["patch"] == pytest.approx(made[0][1][-1]["patch"], rel=1e-4)
+    at_once, other_seed = tower(made[0][0]), tower(made[1][0])
+    for key, value in tower(alone).items():
+        torch.testing.assert_close(at_once[key], value, rtol=1e-4, atol=1e-5)
+    assert any(not torch.allclose(at_once[key], other_seed[key]) for key in at_once)
+
+
 def test_probes_leave_out_a_question_type_the_training_mix_lacks(tmp_path):
     """`representation` on the shipped miniature, with a training split of direction clips only (`--train-mix
     direction=1`): the direction probes are measured, the shape ones (no shape clip to fit on) are left out."""

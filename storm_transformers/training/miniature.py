@@ -8,23 +8,22 @@ python -m storm_transformers.training.miniature --output runs/miniature --seeds 
     --export bi-k4 0 checkpoints/storm-tiny-synthetic
 ```
 
-For every seed it first trains a vision tower on labelled single frames (stage 0, `vision_pretraining.py`: the
-stand-in for the paper's pretrained SigLIP; 1–2 minutes on an H200). Then for every configuration below it builds
-a random tiny STORM (a SigLIP-architecture encoder, the temporal encoder and a Qwen2-architecture LLM, all from
-scratch, with the real Qwen2 tokenizer), puts that tower in, and trains it with the project's recipe (`sft.py`:
-stage 1 alignment, then SFT with the tower frozen; `--vision-steps 0` skips stage 0 and trains the tower end to end
-instead; stage 0 shows shapes of radius 5–10 px, `--vision-radii 8 8` only the QA clips' 8;
-`--curriculum direction` puts an SFT stage on the direction questions alone before SFT on the whole split, which is
-how the shipped `bi-k4` learned direction: docs/miniature.md). Each run is evaluated with greedy answers on
-the test split by question type (32-frame configurations also with test-time temporal sampling s = 2), on shifted
-test clips (other backgrounds, shape sizes and speeds), with linear probes of its visual tokens (`representation`),
-and at `CURVE_POINTS` points along SFT on the validation split (per-type learning curves), in processes of their own
-beside the training runs. Same data, steps and seeds for every
-row; the training split asks more of the question types learned late (`TRAIN_MIX`, `--train-mix`), the test split
-is uniform. On one H200 (16 cores) the seven key configurations of one seed took 400–470 s (`--parallel 7`, the
-default; with the earlier 1500-step stage 0, ~40 s shorter). Results: `<output>/results.json` and `<output>/results.md`; checkpoints under
-`<output>/runs/<config>-seed<seed>/sft`; the clips under `<output>/data*`, reused by a later run with the same data
-arguments.
+For every seed (all seeds at once) it first trains a vision tower on labelled single frames (stage 0,
+`vision_pretraining.py`: the stand-in for the paper's pretrained SigLIP; 1–2 minutes on an H200). Then for every
+configuration below it builds a random tiny STORM (a SigLIP-architecture encoder, the temporal encoder and a
+Qwen2-architecture LLM, all from scratch, with the real Qwen2 tokenizer), puts that tower in, and trains it with the
+project's recipe (`sft.py`: stage 1 alignment, then SFT with the tower frozen; `--vision-steps 0` skips stage 0 and
+trains the tower end to end instead; stage 0 shows shapes of radius 5–10 px, `--vision-radii 8 8` only the QA clips' 8;
+`--curriculum direction` puts an SFT stage on the direction questions alone before SFT on the whole split, which is how
+the shipped `bi-k4` learned direction: docs/miniature.md). Each run is evaluated with greedy answers on the test split
+by question type (32-frame configurations also with test-time temporal sampling s = 2), on shifted test clips (other
+backgrounds, shape sizes and speeds), with linear probes of its visual tokens (`representation`), and at `CURVE_POINTS`
+points along SFT on the validation split (per-type learning curves), in processes of their own beside the training
+runs. Same data, steps and seeds for every row; the training split asks more of the question types learned late
+(`TRAIN_MIX`, `--train-mix`), the test split is uniform. On one H200 (16 cores) the seven key configurations of one
+seed took 400–470 s (`--parallel 7`, the default) with the earlier 1500-step stage 0; today's adds ~40 s. Results:
+`<output>/results.json` and `<output>/results.md`; checkpoints under `<output>/runs/<config>-seed<seed>/sft`; the clips
+under `<output>/data*`, reused by a later run with the same data arguments.
 
 | config | temporal encoder | temporal pooling k | clip frames | paper's counterpart |
 |---|---|---|---|---|
@@ -39,6 +38,7 @@ beat over 4 frames. `uni-k4` and `bi-k1` are not in the default `--configs` (`KE
 """
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -182,16 +182,31 @@ def _question_weight(text: str) -> tuple[str, float]:
 
 
 def pretrain_vision(output: Path, tokenizer_dir: Path, seed: int, steps: int, radii: tuple[int, int],
-                    log) -> tuple[Path, list[dict]]:
+                    num_workers: int) -> tuple[Path, list[dict]]:
     """Stage 0 for `seed`: a random STORM (vision tower as in every configuration) whose tower is trained on
-    labelled single frames with shape radii drawn from `radii` px (`vision_pretraining.py`); returns its folder and
-    the training log. Runs before the configurations' threads start."""
+    labelled single frames with shape radii drawn from `radii` px, their pixels prepared by `num_workers` DataLoader
+    processes (`vision_pretraining.py`); returns its folder and the training log, which it also prints."""
     from .vision_pretraining import pretrain_checkpoint
 
     folder = output / "runs" / f"vision-seed{seed}"
     init = build_initial(folder / "init", tokenizer_dir, "linear-k8", seed)
     return pretrain_checkpoint(init, folder / "stage0", overwrite=True, max_steps=steps, seed=seed, radii=radii,
-                               num_workers=min(8, os.cpu_count() or 1), log_every=max(1, steps // 5), log=log)
+                               num_workers=num_workers, log_every=max(1, steps // 5),
+                               log=functools.partial(print, f"seed {seed}:", flush=True))
+
+
+def pretrain_towers(output: Path, tokenizer_dir: Path, seeds: list[int], steps: int,
+                    radii: tuple[int, int]) -> dict[int, tuple[Path, list[dict]]]:
+    """`pretrain_vision` for every seed at once, each in a spawned process of its own with its share of the cores:
+    one tiny tower leaves a GPU mostly idle (on one H200, 2026-12-03, three seeds' 3000-step stage 0, run as three
+    commands at once, took 72 s each, where 1500 steps alone take 27–31 s). Returns `{seed: (folder, training log)}`; runs before the
+    configurations' threads start."""
+    share = max(1, (os.cpu_count() or 1) // len(seeds))
+    with ProcessPoolExecutor(len(seeds), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_spawned_process, initargs=(share,)) as pool:
+        futures = {seed: pool.submit(pretrain_vision, output, tokenizer_dir, seed, steps, radii, min(8, share))
+                   for seed in seeds}
+        return {seed: future.result() for seed, future in futures.items()}
 
 
 def curriculum_data(data: Path, question_types: list[str]) -> Path:
@@ -261,9 +276,9 @@ def checkpoints(sft_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _evaluation_process(threads: int) -> None:
-    """Initialiser of the processes that evaluate: `threads` intra-op threads, and the tiny vision tower not compiled
-    (as in `main`)."""
+def _spawned_process(threads: int) -> None:
+    """Initialiser of the processes that evaluate or run stage 0: `threads` intra-op threads, and the tiny vision
+    tower not compiled (as in `main`)."""
     import torch
 
     from storm_transformers import kernels
@@ -603,7 +618,7 @@ def main(argv=None):
     from storm_transformers import kernels
     from storm_transformers.conversion.assets import QWEN2_GGUF
 
-    kernels.COMPILE_VISION_TOWER = False  # a 4-layer tower gains nothing (also set by `_evaluation_process`)
+    kernels.COMPILE_VISION_TOWER = False  # a 4-layer tower gains nothing (also set by `_spawned_process`)
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -649,11 +664,14 @@ def main(argv=None):
 
     # Evaluations run in processes of their own, beside the training runs (threads would share one interpreter's lock).
     evaluator = ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn"),
-                                    initializer=_evaluation_process, initargs=(workers,))
+                                    initializer=_spawned_process, initargs=(workers,))
     towers, probes = {}, []
-    for seed in args.seeds if args.vision_steps else ():  # stage 0, once per seed, shared by every configuration
-        towers[seed], history = pretrain_vision(output, tokenizer_dir, seed, args.vision_steps,
-                                                tuple(args.vision_radii), log)
+    # stage 0, once per seed (the seeds at once), shared by every configuration of the seed
+    stage0 = pretrain_towers(output, tokenizer_dir, args.seeds, args.vision_steps, tuple(args.vision_radii)) \
+        if args.vision_steps else {}
+    for seed, (tower, history) in stage0.items():
+        towers[seed] = tower
+        log(f"seed {seed}: stage 0 done")
         record("vision pretraining", {f"seed{seed}": history})
         for stage in ("init", "stage0"):
             probes.append((f"{stage}-seed{seed}", evaluator.submit(representation, towers[seed].parent / stage,
