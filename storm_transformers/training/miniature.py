@@ -52,7 +52,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from .synthetic import CHANCE, RADIUS, TEMPORAL_TYPES
-from .vision_pretraining import STAGE0_RADII, STAGE0_STEPS, check_radii
+from .vision_pretraining import STAGE0_RADII, STAGE0_STEPS, check_radii, pretrain_checkpoint
 
 CONFIGS = {
     "linear-k4": {"layers": 0, "bidirectional": True, "k": 4, "frames": 8},
@@ -186,8 +186,6 @@ def pretrain_vision(output: Path, tokenizer_dir: Path, seed: int, steps: int, ra
     """Stage 0 for `seed`: a random STORM (vision tower as in every configuration) whose tower is trained on
     labelled single frames with shape radii drawn from `radii` px, their pixels prepared by `num_workers` DataLoader
     processes (`vision_pretraining.py`); returns its folder and the training log, which it also prints."""
-    from .vision_pretraining import pretrain_checkpoint
-
     folder = output / "runs" / f"vision-seed{seed}"
     init = build_initial(folder / "init", tokenizer_dir, "linear-k8", seed)
     return pretrain_checkpoint(init, folder / "stage0", overwrite=True, max_steps=steps, seed=seed, radii=radii,
@@ -199,8 +197,8 @@ def pretrain_towers(output: Path, tokenizer_dir: Path, seeds: list[int], steps: 
                     radii: tuple[int, int]) -> dict[int, tuple[Path, list[dict]]]:
     """`pretrain_vision` for every seed at once, each in a spawned process of its own with its share of the cores:
     one tiny tower leaves a GPU mostly idle (on one H200, 2026-12-03, three seeds' 3000-step stage 0, run as three
-    commands at once, took 72 s each, where 1500 steps alone take 27–31 s). Returns `{seed: (folder, training log)}`; runs before the
-    configurations' threads start."""
+    commands at once, took 72 s each, where 1500 steps alone take 27–31 s). Returns `{seed: (folder, training
+    log)}`; runs before the configurations' threads start."""
     share = max(1, (os.cpu_count() or 1) // len(seeds))
     with ProcessPoolExecutor(len(seeds), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_spawned_process, initargs=(share,)) as pool:
