@@ -14,8 +14,8 @@ projects (`vision_hidden_state` at `config.vision_feature_layer`):
 The per-token target keeps every token about its own patch; the per-frame position target makes the mean of a
 frame's tokens (what temporal and spatial pooling compute) say where the object is. Shapes are drawn at radii of
 5–10 px (`--radii`; the QA clips draw 8): a tower that has seen one size only loses the shape at other sizes
-(docs/miniature.md, "Why it fails on the shifted clips"). The LLM-side stages then run
-with the tower frozen (`trainable_modules` without `vision_tower`, `configs/miniature_*.yaml`).
+(docs/miniature.md, "Why the earlier checkpoint failed on the shifted clips"). The LLM-side stages then run with the
+tower frozen (`trainable_modules` without `vision_tower`, `configs/miniature_*.yaml`).
 
 ```bash
 python -m storm_transformers.training.vision_pretraining --model_name_or_path runs/init \
@@ -59,8 +59,8 @@ def labelled_frame(rng: np.random.Generator, patch_size: int, radii: tuple[int, 
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One frame as `synthetic.py` draws them (textured background, 0–2 objects of distinct shape and colour, no
     overlap) with what it shows. `radii` = (smallest, largest) px: each object's radius is drawn uniformly from that
-    range (the QA clips draw 8 only: the default, whose frames are those of the shipped recipe; a range shows the
-    tower shapes of many sizes, as a pretrained SigLIP has seen them).
+    range (the default, 8 only, is what the QA clips draw, and gives the frames of stage 0 before 2026-12-03; a range
+    shows the tower shapes of many sizes, as a pretrained SigLIP has seen them: `STAGE0_RADII`).
 
     Returns:
         frame `(64, 64, 3)` uint8; patch classes `(64 / patch_size)²` int64 (0 background, 1 + `object_class` where
