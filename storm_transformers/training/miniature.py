@@ -21,7 +21,7 @@ backgrounds, shape sizes and speeds), with linear probes of its visual tokens (`
 points along SFT on the validation split (per-type learning curves), in processes of their own beside the training
 runs. Same data, steps and seeds for every row; the training split asks more of the question types learned late
 (`TRAIN_MIX`, `--train-mix`), the test split is uniform. On one H200 (16 cores) the seven key configurations of one
-seed took 400–470 s (`--parallel 7`, the default) with the earlier 1500-step stage 0; today's adds ~40 s. Results:
+seed took 400–470 s (`--parallel 7`, the default) with the earlier 1500-step stage 0; 3000 steps add ~40 s. Results:
 `<output>/results.json` and `<output>/results.md`; checkpoints under `<output>/runs/<config>-seed<seed>/sft`; the clips
 under `<output>/data*`, reused by a later run with the same data arguments.
 
@@ -196,9 +196,9 @@ def pretrain_vision(output: Path, tokenizer_dir: Path, seed: int, steps: int, ra
 def pretrain_towers(output: Path, tokenizer_dir: Path, seeds: list[int], steps: int,
                     radii: tuple[int, int]) -> dict[int, tuple[Path, list[dict]]]:
     """`pretrain_vision` for every seed at once, each in a spawned process of its own with its share of the cores:
-    one tiny tower leaves a GPU mostly idle (on one H200, 2026-12-03, three seeds' 3000-step stage 0, run as three
-    commands at once, took 72 s each, where 1500 steps alone take 27–31 s). Returns `{seed: (folder, training
-    log)}`; runs before the configurations' threads start."""
+    one tiny tower leaves a GPU mostly idle (on one H200, 2026-12-03: 1500 steps took 27–34 s for one seed alone and
+    37–38 s each for three seeds run as three commands at once). Returns `{seed: (folder, training log)}`; runs
+    before the configurations' threads start."""
     share = max(1, (os.cpu_count() or 1) // len(seeds))
     with ProcessPoolExecutor(len(seeds), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_spawned_process, initargs=(share,)) as pool:

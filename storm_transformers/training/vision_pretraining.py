@@ -143,8 +143,7 @@ class LabelledFrames(torch.utils.data.IterableDataset):
 
 def pretrain_vision_tower(model, processor, max_steps: int = STAGE0_STEPS, batch_size: int = 128,
                           learning_rate: float = 1e-3, seed: int = 0, radii: tuple[int, int] = STAGE0_RADII,
-                          num_workers: int = 4,
-                          log_every: int = 100, log=print) -> list[dict]:
+                          num_workers: int = 4, log_every: int = 100, log=print) -> list[dict]:
     """Train `model.model.vision_tower` in place on generated frames (module docstring); everything else untouched.
 
     Args:
