@@ -121,14 +121,14 @@ def frame_losses(heads: FrameHeads, hidden_states: torch.Tensor, patches, presen
 
 
 class LabelledFrames(torch.utils.data.IterableDataset):
-    """Endless batches of `labelled_frame`s, prepared by the processor's video processor as one already-sampled
-    video: pixel values `(F, 3, H, W)`, patch classes `(F, P)`, presence `(F, 12)`, centres `(F, 2)`. Each
-    DataLoader worker draws from its own stream (`[seed, worker id]`), so the frames depend on the seed and on the
-    number of workers."""
+    """Endless batches of `labelled_frame`s, prepared by `video_processor` (`StormVideoProcessor`) as one
+    already-sampled video: pixel values `(F, 3, H, W)`, patch classes `(F, P)`, presence `(F, 12)`, centres
+    `(F, 2)`. Each DataLoader worker draws from its own stream (`[seed, worker id]`), so the frames depend on the seed
+    and on the number of workers."""
 
-    def __init__(self, processor, patch_size: int, batch_size: int, seed: int, radii: tuple[int, int]):
-        self.processor, self.patch_size, self.batch_size, self.seed = processor, patch_size, batch_size, seed
-        self.radii = radii
+    def __init__(self, video_processor, patch_size: int, batch_size: int, seed: int, radii: tuple[int, int]):
+        self.video_processor, self.patch_size, self.batch_size = video_processor, patch_size, batch_size
+        self.seed, self.radii = seed, radii
 
     def __iter__(self):
         worker = torch.utils.data.get_worker_info()
@@ -136,7 +136,7 @@ class LabelledFrames(torch.utils.data.IterableDataset):
         while True:
             frames, patches, present, centre = zip(*(labelled_frame(rng, self.patch_size, self.radii)
                                                      for _ in range(self.batch_size)))
-            pixels = self.processor.video_processor(videos=[np.stack(frames)], do_sample_frames=False,
+            pixels = self.video_processor(videos=[np.stack(frames)], do_sample_frames=False,
                                                     return_tensors="pt")["pixel_values_videos"][0]
             yield pixels, *(torch.from_numpy(np.stack(values)) for values in (patches, present, centre))
 
@@ -176,7 +176,7 @@ def pretrain_vision_tower(model, processor, max_steps: int = STAGE0_STEPS, batch
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / max_steps))))
     batches = torch.utils.data.DataLoader(
-        LabelledFrames(processor, patch_size, batch_size, seed, tuple(radii)), batch_size=None,
+        LabelledFrames(processor.video_processor, patch_size, batch_size, seed, tuple(radii)), batch_size=None,
         num_workers=num_workers)
     tower.train()
     history, totals, started = [], {}, time.perf_counter()
