@@ -25,6 +25,7 @@ python -m storm_transformers.training.vision_pretraining --model_name_or_path ru
 
 import argparse
 import math
+import sys
 import time
 
 import numpy as np
@@ -175,9 +176,12 @@ def pretrain_vision_tower(model, processor, max_steps: int = STAGE0_STEPS, batch
     warmup = max(1, max_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / max_steps))))
+    # The workers only draw frames (numpy and the video processor). Forked, they start at once; spawned (the default
+    # inside a spawned process, e.g. miniature.pretrain_towers) each re-imports the caller's main module and, on exit,
+    # can abort in C++ destructors.
     batches = torch.utils.data.DataLoader(
         LabelledFrames(processor.video_processor, patch_size, batch_size, seed, tuple(radii)), batch_size=None,
-        num_workers=num_workers)
+        num_workers=num_workers, multiprocessing_context="fork" if num_workers and sys.platform == "linux" else None)
     tower.train()
     history, totals, started = [], {}, time.perf_counter()
     for step, batch in zip(range(1, max_steps + 1), batches):
