@@ -21,9 +21,10 @@ backgrounds, shape sizes and speeds), with linear probes of its visual tokens (`
 points along SFT on the validation split (per-type learning curves), in processes of their own beside the training
 runs. Same data, steps and seeds for every row; the training split asks more of the question types learned late
 (`TRAIN_MIX`, `--train-mix`), the test split is uniform. On one H200 (16 cores) the seven key configurations of one
-seed took 400–470 s (`--parallel 7`, the default) with the earlier 1500-step stage 0; 3000 steps add ~40 s. Results:
-`<output>/results.json` and `<output>/results.md`; checkpoints under `<output>/runs/<config>-seed<seed>/sft`; the clips
-under `<output>/data*`, reused by a later run with the same data arguments.
+seed took 400–470 s (`--parallel 7`, the default) with the earlier 1500-step stage 0 (today's 3000 steps: not yet
+timed end to end). Results: `<output>/results.json` and `<output>/results.md`; checkpoints under
+`<output>/runs/<config>-seed<seed>/sft`; the clips under `<output>/data*`, reused by a later run with the same data
+arguments.
 
 | config | temporal encoder | temporal pooling k | clip frames | paper's counterpart |
 |---|---|---|---|---|
