@@ -30,9 +30,11 @@ Sections (pick with --sections; all GPU sections by default, in this order):
   (transformers' default), the static cache (`cache_implementation="static"`; transformers then compiles the decode
   step with CUDA graphs) and the static cache for the LLM alone (Qwen2ForCausalLM holding STORM's LLM, a text prompt
   of the same length); the static cache with transformers' flex attention for the LLM; with `storm generate`'s
-  defaults (static cache, the LLM's decode steps by `kernels.gqa_decode_attention`), as they are and with
-  transformers' deferred stop check forced on: first call (compilation included) and warm ms/token; and where a
-  token of `storm generate`'s defaults goes on the host (its costliest Python functions).
+  defaults (static cache, the LLM's decode steps by `kernels.gqa_decode_attention`), as they are, with
+  transformers' deferred stop check forced on, with each layer's q/k/v and gate/up projections fused into one
+  product each (an experiment: `fused_projections`), and with both: first call (compilation included), warm
+  ms/token and whether the greedy tokens equal the defaults'; and where a token of `storm generate`'s defaults goes
+  on the host (its costliest Python functions).
 - `decode-kernels`: where the GPU time of a decode step with `storm generate`'s defaults goes: the GPU kernels of one
   token (torch.profiler), compiled with and without CUDA graphs; the same step for the LLM alone, with flex
   attention, and compiled in mode "max-autotune".
@@ -749,8 +751,8 @@ def bench_decode(repeats) -> list[dict]:
     weights, a text prompt of the same length). With `storm generate`'s defaults (static cache, the LLM's decode
     steps by `kernels.gqa_decode_attention`, `load_storm`'s default): as they are, and with transformers' deferred
     stop check forced on (the host then does not wait for the GPU at every token; transformers turns it on for MPS
-    only; it needs device events: not on the CPU). For `storm generate`'s defaults, the host's costliest Python
-    functions per token (cProfile)."""
+    only; it needs device events: not on the CPU), with the LLM's projections fused (`fused_projections`), and with
+    both. For `storm generate`'s defaults, the host's costliest Python functions per token (cProfile)."""
     from storm_transformers.loading import DEFAULT_ATTENTION
 
     frames, new_tokens = (128, 64) if not SMOKE else (8, 4)
@@ -761,13 +763,16 @@ def bench_decode(repeats) -> list[dict]:
     runs = [("static", sdpa, model, inputs, static, contextlib.nullcontext),
             ("static (storm generate's defaults)", defaults, model, inputs, static, contextlib.nullcontext),
             ("static, stop check deferred", defaults, model, inputs, static, deferred_stop_check),
+            ("static, q/k/v and gate/up fused", defaults, model, inputs, static, lambda: fused_projections(model)),
+            ("static, fused, stop check deferred", defaults, model, inputs, static,
+             lambda: fused_projections(model, defer_stop_check=True)),
             ("static, transformers' flex attention", {"text_config": "flex_attention"}, model, inputs, static,
              contextlib.nullcontext),
             ("static, LLM alone (Qwen2ForCausalLM, same weights, text prompt)", sdpa, llm, text, static,
              contextlib.nullcontext),
             ("dynamic (transformers' default)", sdpa, model, inputs, {}, contextlib.nullcontext)]
     runs = [run for run in runs if DEVICE == "cuda" or "deferred" not in run[0]]  # device events: not on the CPU
-    rows = []
+    rows, reference = [], None
     for name, attention, runner, prompt, kwargs, patch in runs:
         free_memory()
         row = {"frames": frames, "compression": "4× (k=4)", "context (tokens)": context, "cache": name,
@@ -775,10 +780,15 @@ def bench_decode(repeats) -> list[dict]:
         try:
             model.set_attn_implementation(attention)  # the LLM alone shares STORM's LLM and its config
             with patch():
-                first, _ = first_call(lambda: greedy(runner, prompt, new_tokens, **kwargs))
+                first, tokens = first_call(lambda: greedy(runner, prompt, new_tokens, **kwargs))
                 ms = decode_ms_per_token(runner, prompt, new_tokens, runs=repeats, **kwargs)
             row.update({f"first generate() of {new_tokens} tokens (s)": first, "decode (ms/token)": ms,
                         "decode (tokens/s)": 1000 / ms})
+            tokens = tokens[:, -new_tokens:]
+            if name.endswith("defaults)"):
+                reference = tokens
+            elif reference is not None and runner is model:  # random weights: near-ties may flip in bf16
+                row["new tokens equal to the defaults'"] = f"{(tokens == reference).float().mean().item():.0%}"
             if name.endswith("defaults)"):
                 row.update(decode_profile(model, inputs, new_tokens, **static))
         except Exception as error:  # an attention this transformers/torch cannot decode with: the row says why
@@ -810,6 +820,61 @@ def llm_alone(model):
     llm.model, llm.lm_head = model.model.language_model, model.lm_head
     llm.generation_config = model.generation_config
     return llm.eval()
+
+
+class _FusedLinears(torch.nn.Module):
+    """Stands in for the first of several Linear layers that read the same input (q, k and v; gate and up): one
+    product with their concatenated weights, whose other parts wait in the others' `_HandedOn` stand-ins until the
+    model calls them next, on the same input (transformers' Qwen2 calls q, k, v and gate, up in that order)."""
+
+    def __init__(self, linears: list, handed_on: list):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.cat([linear.weight for linear in linears]), requires_grad=False)
+        biases = [linear.bias for linear in linears]
+        self.bias = None if biases[0] is None else torch.nn.Parameter(torch.cat(biases), requires_grad=False)
+        self.sizes = [linear.out_features for linear in linears]
+        self.handed_on = handed_on  # a plain list: not submodules
+
+    def forward(self, x):
+        first, *rest = torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        for module, part in zip(self.handed_on, rest):
+            module.part = part
+        return first
+
+
+class _HandedOn(torch.nn.Module):
+    """Stands in for a Linear layer whose output `_FusedLinears` computed just before."""
+
+    part = None
+
+    def forward(self, x):
+        part, self.part = self.part, None
+        return part
+
+
+@contextlib.contextmanager
+def fused_projections(model, defer_stop_check: bool = False):
+    """STORM's LLM with each layer's q, k, v projections as one product and its MLP's gate and up projections as one
+    (as vLLM's QKVParallelLinear and MergedColumnParallelLinear): 84 instead of 140 GEMVs per decoded token on a
+    28-layer Qwen2. An experiment of this benchmark (the model is put back afterwards): the fused weights are copies.
+    `defer_stop_check`: also `deferred_stop_check`."""
+    groups = []
+    for layer in model.model.language_model.layers:
+        groups += [(layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ("gate_proj", "up_proj"))]
+    originals = [(owner, {name: getattr(owner, name) for name in names}) for owner, names in groups]
+    for owner, linears in originals:
+        first, *others = linears
+        handed_on = [_HandedOn() for _ in others]
+        setattr(owner, first, _FusedLinears(list(linears.values()), handed_on))
+        for name, module in zip(others, handed_on):
+            setattr(owner, name, module)
+    try:
+        with deferred_stop_check() if defer_stop_check else contextlib.nullcontext():
+            yield
+    finally:
+        for owner, linears in originals:
+            for name, module in linears.items():
+                setattr(owner, name, module)
 
 
 @contextlib.contextmanager
