@@ -795,7 +795,7 @@ def bench_decode(repeats) -> list[dict]:
             row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
         rows.append(row)
         print(row, flush=True)
-    del model, llm
+    model = llm = runs = None  # the runs hold the model too; the closures name it (no del)
     free_memory()
     return rows
 
