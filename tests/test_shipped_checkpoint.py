@@ -77,8 +77,8 @@ def test_its_visual_tokens_have_not_collapsed(held_out_clips):
     report = representation(CHECKPOINT, held_out_clips, device="cpu")
     assert report["vision-token norm"] < 40 and report["projector-output norm"] < 80, report
     assert report["within-frame cosine"] < 0.95, report
-    assert set(report) >= {"probe shape", "probe direction", "probe direction, LLM input",
-                           "probe direction, LLM answer state"}
+    assert set(report) >= {"probe shape", *(f"probe {kind}{where}" for kind in ("direction", "count")
+                                            for where in ("", ", LLM input", ", LLM answer state"))}
 
 
 def test_the_linear_probe_reads_what_is_there_and_only_that():

@@ -344,10 +344,11 @@ def representation(model_dir: Path, data: Path, fit_clips: int = 1200, device: s
       k = T/2, flattened) to the direction, on `direction` clips;
     - `probe direction, LLM input`: the same from the visual tokens the LLM receives (temporal encoder and the model's
       own pooling, `get_video_features`), and `probe direction, LLM answer state`: from the LLM's last hidden state
-      where the answer is generated (the prompt's last position): where the direction is lost, if it is.
+      where the answer is generated (the prompt's last position): where the direction is lost, if it is;
+    - `probe count`, `probe count, LLM input`, `probe count, LLM answer state`: the same three for the count.
 
-    Probes are fitted on the `shape` / `direction` clips among the first `fit_clips` training clips and scored on
-    those of the test split; the norms and the cosine are measured on those `shape` clips. Where either split has no
+    Probes are fitted on the clips of their type among the first `fit_clips` training clips and scored on those of
+    the test split; the norms and the cosine are measured on those `shape` clips. Where either split has no
     clip of a type (a `--train-mix` without it), the entries that need it are left out."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -396,13 +397,15 @@ def representation(model_dir: Path, data: Path, fit_clips: int = 1200, device: s
         _, _, shape_test, shape_test_labels = clips("test", "shape")
         report["probe shape"] = _linear_probe(shape_train[:, 0].flatten(1), shape_labels,
                                               shape_test[:, 0].flatten(1), shape_test_labels)
-    if available("direction"):
-        train_inputs, _, direction_train, labels = clips("train", "direction", fit_clips)
-        test_inputs, _, direction_test, test_labels = clips("test", "direction")
-        report["probe direction"] = _linear_probe(halves(direction_train), labels, halves(direction_test), test_labels)
+    for kind in ("direction", "count"):
+        if not available(kind):
+            continue
+        train_inputs, _, train_tokens, labels = clips("train", kind, fit_clips)
+        test_inputs, _, test_tokens, test_labels = clips("test", kind)
+        report[f"probe {kind}"] = _linear_probe(halves(train_tokens), labels, halves(test_tokens), test_labels)
         (visual, state), (visual_test, state_test) = llm_side(train_inputs), llm_side(test_inputs)
-        report["probe direction, LLM input"] = _linear_probe(visual, labels, visual_test, test_labels)
-        report["probe direction, LLM answer state"] = _linear_probe(state, labels, state_test, test_labels)
+        report[f"probe {kind}, LLM input"] = _linear_probe(visual, labels, visual_test, test_labels)
+        report[f"probe {kind}, LLM answer state"] = _linear_probe(state, labels, state_test, test_labels)
     return {key: round(value, 4) for key, value in report.items()}
 
 
