@@ -787,10 +787,9 @@ def bench_decode(repeats) -> list[dict]:
             tokens = tokens[:, -new_tokens:]
             if name.endswith("defaults)"):
                 reference = tokens
+                row.update(decode_profile(model, inputs, new_tokens, **static))
             elif reference is not None and runner is model:  # random weights: near-ties may flip in bf16
                 row["new tokens equal to the defaults'"] = f"{(tokens == reference).float().mean().item():.0%}"
-            if name.endswith("defaults)"):
-                row.update(decode_profile(model, inputs, new_tokens, **static))
         except Exception as error:  # an attention this transformers/torch cannot decode with: the row says why
             row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
         rows.append(row)

@@ -138,7 +138,7 @@ class LabelledFrames(torch.utils.data.IterableDataset):
             frames, patches, present, centre = zip(*(labelled_frame(rng, self.patch_size, self.radii)
                                                      for _ in range(self.batch_size)))
             pixels = self.video_processor(videos=[np.stack(frames)], do_sample_frames=False,
-                                                    return_tensors="pt")["pixel_values_videos"][0]
+                                          return_tensors="pt")["pixel_values_videos"][0]
             yield pixels, *(torch.from_numpy(np.stack(values)) for values in (patches, present, centre))
 
 
