@@ -32,7 +32,7 @@ def no_decoding(monkeypatch):
         raise AssertionError("a frame was decoded")
 
     monkeypatch.setattr(video_processing, "_decode", refuse)
-    monkeypatch.setattr(video_processing, "_display_geometry", refuse)
+    monkeypatch.setattr(video_processing, "_first_frame", refuse)
 
 
 @pytest.fixture(scope="module")
