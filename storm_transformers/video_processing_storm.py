@@ -238,21 +238,23 @@ def _channels_first(frames: torch.Tensor, where: str, data_format) -> torch.Tens
 def _checked_values(frames: torch.Tensor, where: str, do_rescale: bool) -> torch.Tensor:
     """uint8 or float32 frames whose values suit `do_rescale` (see `_frames_tensor`)."""
     dtype = frames.dtype
-    if not frames.is_floating_point() and dtype != torch.uint8:
-        frames = frames.long()  # torch has no min/max for uint16/32/64
-    low, high = float(frames.min()), float(frames.max())
     if not frames.is_floating_point():
         if not do_rescale:
             raise ValueError(
                 f"{where}: integer frames (0..255) need do_rescale=True (the default); do_rescale=False expects float "
                 "frames in 0..1."
             )
+        if dtype == torch.uint8:  # in range by its type: no pass over the pixels
+            return frames
+        frames = frames.long()  # torch has no min/max for uint16/32/64
+        low, high = float(frames.min()), float(frames.max())
         if low < 0 or high > 255:
             hint = " 16-bit frames: frames // 257 gives uint8." if high > 255 else ""
             raise ValueError(
                 f"{where}: integer frames must be in 0..255 (uint8 RGB); got {dtype} values {low:g}..{high:g}.{hint}"
             )
         return frames.to(torch.uint8)
+    low, high = float(frames.min()), float(frames.max())
     if not torch.isfinite(frames).all():
         bad = int((~torch.isfinite(frames)).sum())
         raise ValueError(f"{where}: {bad} pixel values are NaN or infinite. Pass finite frames.")
