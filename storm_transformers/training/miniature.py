@@ -21,8 +21,9 @@ backgrounds, shape sizes and speeds), with linear probes of its visual tokens (`
 points along SFT on the validation split (per-type learning curves), in processes of their own beside the training
 runs. Same data, steps and seeds for every row; the training split asks more of the question types learned late
 (`TRAIN_MIX`, `--train-mix`), the test split is uniform. On one H200 (16 cores) the seven key configurations of one
-seed took 400–470 s (`--parallel 7`, the default) with the earlier 1500-step stage 0 (today's 3000 steps: not yet
-timed end to end). Results: `<output>/results.json` and `<output>/results.md`; checkpoints under
+seed took 400–470 s (`--parallel 7`, the default) with the earlier 1500-step stage 0; with today's 3000 steps it
+overran 10 minutes at commit b492d81 (the SFT runs are bound by preparing rows on the CPU; faster since, not yet
+re-timed: docs/miniature.md, "Reproduce"). Results: `<output>/results.json` and `<output>/results.md`; checkpoints under
 `<output>/runs/<config>-seed<seed>/sft`; the clips under `<output>/data*`, reused by a later run with the same data
 arguments.
 
@@ -223,6 +224,15 @@ def curriculum_data(data: Path, question_types: list[str]) -> Path:
     path = data / f"train-{'-'.join(question_types)}.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["question_type"] in question_types))
     return path
+
+
+def loader_workers(name: str, share: int) -> int:
+    """DataLoader workers of a training run of `name`, given each run's `share` of the cores (cores // --parallel):
+    twice the share for 32-frame clips, whose rows cost 1.5–1.6× an 8-frame row to decode and process. With equal
+    workers the 32-frame runs took 1.5× as long, on cores the finished 8-frame runs left idle (one H200, 16 cores,
+    2026-12-03: seven 300-step SFT runs at once, 2 workers each, 48.5 s against 32 s); twice the workers there is
+    not yet measured."""
+    return share * (2 if CONFIGS[name]["frames"] > 8 else 1)
 
 
 def train(name: str, seed: int, output: Path, data: Path, steps: dict, workers: int, log,
@@ -685,7 +695,8 @@ def main(argv=None):
             with LOAD_LOCK:
                 build_initial(output / "runs" / f"{name}-seed{seed}" / "init", tokenizer_dir, name, seed,
                               towers.get(seed))
-            folder = train(name, seed, output, data, steps, workers, log, train_vision_tower=not args.vision_steps,
+            folder = train(name, seed, output, data, steps, loader_workers(name, workers), log,
+                           train_vision_tower=not args.vision_steps,
                            curriculum=curricula.get(CONFIGS[name]["frames"]))
         except RuntimeError as error:  # one failed run does not stop the others
             log(str(error))
