@@ -209,10 +209,10 @@ class StormDataCollator:
     Collator for STORM supervised fine-tuning: conversation rows → padded model inputs with assistant-only labels.
 
     Per row it decodes each video (`num_frames` frames spread uniformly over the whole video, first and last included,
-    with `StormVideoProcessor.sample_frames`, scaled to the processor's frame size while decoding) and image, applies
-    the processor's chat template, expands the placeholders (with `temporal_sample_rate=1`: the model never samples
-    while training), and labels the assistant replies (`assistant_only_labels`); rows are then right-padded to the
-    longest one.
+    with `StormVideoProcessor.sample_frames`, scaled to the processor's frame size while decoding) and image; the
+    processor's chat template then renders and tokenizes the whole batch in one call, expands the placeholders (with
+    `temporal_sample_rate=1`: the model never samples while training) and right-pads the rows to the longest one; the
+    assistant replies of each row are labelled (`assistant_only_labels`).
 
     A row whose video or image is missing, unreadable, or shorter than `num_frames` frames is skipped: a warning names
     the file and the reason, `num_skipped` counts it, and the row stays in the batch with blank frames and no labels,
@@ -259,46 +259,49 @@ class StormDataCollator:
         return int(self._skipped)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        rows = [self.encode(example["messages"]) for example in examples]
-        tokenizer = self.processor.tokenizer
-        batch = {
-            "input_ids": _pad([row.pop("input_ids") for row in rows], tokenizer.pad_token_id),
-            "attention_mask": _pad([row.pop("attention_mask") for row in rows], 0),
-            "labels": _pad([row.pop("labels") for row in rows], IGNORE_INDEX),
-        }
-        for key in ("pixel_values_videos", "pixel_values"):
-            tensors = [row[key] for row in rows if key in row]
-            if tensors:
-                batch[key] = torch.cat(tensors)
-        return batch
+        return self._encode([example["messages"] for example in examples])
 
     def encode(self, messages: list[dict]) -> dict[str, torch.Tensor]:
         """One row: 1-D `input_ids`, `attention_mask`, `labels`, plus the row's `pixel_values_videos` /
         `pixel_values` (first dimension: its number of videos / images)."""
-        check_conversation(messages)
-        messages, failure = self._load_media(messages)
+        row = self._encode([messages])
+        return {key: value[0] if key in ("input_ids", "attention_mask", "labels") else value for key, value in row.items()}
+
+    def _encode(self, conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
+        """The batch: media decoded row by row (a row whose media fail gets blanks and no labels), then one call of
+        the processor's chat template for all rows (its per-call work, ~1.5 ms, paid once per batch), right-padded."""
+        loaded, failed = [], []
+        for messages in conversations:
+            check_conversation(messages)
+            messages, failure = self._load_media(messages)
+            loaded.append(messages)
+            failed.append(failure is not None)
+        tokenizer = self.processor.tokenizer
         inputs = self.processor.apply_chat_template(
-            [messages],
+            loaded,
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-            processor_kwargs={"num_frames": self.num_frames},
+            processor_kwargs={"num_frames": self.num_frames, "padding": True, "padding_side": "right"},
         )
-        input_ids = inputs["input_ids"][0]
-        labels = assistant_only_labels(input_ids, self.processor.tokenizer)
-        turns = sum(message["role"] == "assistant" for message in messages)
-        found = len(assistant_spans(input_ids, self.processor.tokenizer))
-        if found != turns:
-            raise ValueError(
-                f"The conversation has {turns} assistant turns but {found} were found in the rendered tokens "
-                f"(expected ChatML: {ASSISTANT_HEADER!r} … {END_OF_TURN!r}). Use the chat template that "
-                "StormProcessor ships."
-            )
-        if failure is not None:
-            labels.fill_(IGNORE_INDEX)
-        row = {"input_ids": input_ids, "attention_mask": inputs["attention_mask"][0], "labels": labels}
-        row.update({key: inputs[key] for key in ("pixel_values_videos", "pixel_values") if key in inputs})
-        return row
+        input_ids = inputs["input_ids"]  # (B, L), right-padded
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for row, (messages, failure) in enumerate(zip(loaded, failed)):
+            length = int(inputs["attention_mask"][row].sum())
+            ids = input_ids[row, :length]
+            turns = sum(message["role"] == "assistant" for message in messages)
+            found = len(assistant_spans(ids, tokenizer))
+            if found != turns:
+                raise ValueError(
+                    f"The conversation has {turns} assistant turns but {found} were found in the rendered tokens "
+                    f"(expected ChatML: {ASSISTANT_HEADER!r} … {END_OF_TURN!r}). Use the chat template that "
+                    "StormProcessor ships."
+                )
+            if not failure:
+                labels[row, :length] = assistant_only_labels(ids, tokenizer)
+        batch = {"input_ids": input_ids, "attention_mask": inputs["attention_mask"], "labels": labels}
+        batch.update({key: inputs[key] for key in ("pixel_values_videos", "pixel_values") if key in inputs})
+        return batch
 
     def _load_media(self, messages: list[dict]) -> tuple[list[dict], Exception | None]:
         """Copy of `messages` with every video/image decoded (blank where that fails), and the first failure."""
@@ -373,10 +376,6 @@ def _naming_source(error: Exception, source) -> Exception:
         named = ValueError(f"{name}: {error}")
     named.__cause__ = error
     return named
-
-
-def _pad(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
-    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=value, padding_side="right")
 
 
 __all__ = [
