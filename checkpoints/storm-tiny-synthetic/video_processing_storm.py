@@ -238,21 +238,23 @@ def _channels_first(frames: torch.Tensor, where: str, data_format) -> torch.Tens
 def _checked_values(frames: torch.Tensor, where: str, do_rescale: bool) -> torch.Tensor:
     """uint8 or float32 frames whose values suit `do_rescale` (see `_frames_tensor`)."""
     dtype = frames.dtype
-    if not frames.is_floating_point() and dtype != torch.uint8:
-        frames = frames.long()  # torch has no min/max for uint16/32/64
-    low, high = float(frames.min()), float(frames.max())
     if not frames.is_floating_point():
         if not do_rescale:
             raise ValueError(
                 f"{where}: integer frames (0..255) need do_rescale=True (the default); do_rescale=False expects float "
                 "frames in 0..1."
             )
+        if dtype == torch.uint8:  # in range by its type: no pass over the pixels
+            return frames
+        frames = frames.long()  # torch has no min/max for uint16/32/64
+        low, high = float(frames.min()), float(frames.max())
         if low < 0 or high > 255:
             hint = " 16-bit frames: frames // 257 gives uint8." if high > 255 else ""
             raise ValueError(
                 f"{where}: integer frames must be in 0..255 (uint8 RGB); got {dtype} values {low:g}..{high:g}.{hint}"
             )
         return frames.to(torch.uint8)
+    low, high = float(frames.min()), float(frames.max())
     if not torch.isfinite(frames).all():
         bad = int((~torch.isfinite(frames)).sum())
         raise ValueError(f"{where}: {bad} pixel values are NaN or infinite. Pass finite frames.")
@@ -419,11 +421,16 @@ def _seeks_on_pts(container) -> bool:
     )
 
 
-def _index_frames(container, stream, name: str) -> _FrameIndex:
-    """Index the frames of `stream` by demuxing it (no decoding)."""
+def _index_frames(container, stream, name: str, first: list | None = None) -> _FrameIndex:
+    """Index the frames of `stream` by demuxing it. With a list `first`, the packets are also decoded until the first
+    frame comes out, which is appended to `first` (`_first_frame`), so that one pass over the file gives the index
+    and the display geometry; without, nothing is decoded."""
     packets = []
+    decoding = first is not None
     try:
         for packet in container.demux(stream):
+            if decoding:
+                decoding = _first_frame(stream, packet, first)
             if packet.size:  # an empty packet flushes the demuxer at the end
                 packets.append((packet.pts, packet.dts, packet.is_keyframe))
     except av.error.FFmpegError as error:
@@ -658,18 +665,23 @@ def _split_by_keyframe(wanted: list[int], index: _FrameIndex, parts: int) -> lis
     return runs
 
 
-def _display_geometry(data, name: str) -> tuple[int, int, str | None]:
-    """(height, width) of the first frame as a player shows it, and the `_display_transform` that turns the stream's
-    frames upright (read once: a frame's `side_data` keeps the frame alive until Python's cycle collector runs). One
-    decoding thread: with frame threading the first frame would wait for a packet per thread."""
-    with _open_container(data, name, threads=1) as container:
-        stream = container.streams.video[0]
-        try:
-            frame = next(iter(container.decode(stream)), None)
-        except av.error.FFmpegError:
-            frame = None
-        if frame is None:
-            return stream.codec_context.height, stream.codec_context.width, None
+def _first_frame(stream, packet, first: list) -> bool:
+    """Decode `packet` (the empty last one drains the decoder) and append the first frame that comes out to `first`;
+    returns whether to go on decoding (no frame yet). A decoder error ends it with no frame: the geometry is then the
+    coded one (`_display_geometry`)."""
+    try:
+        frames = stream.codec_context.decode(packet)
+    except av.error.FFmpegError:
+        return False
+    first.extend(frames[:1])
+    return not frames
+
+
+def _display_geometry(frame, stream) -> tuple[int, int, str | None]:
+    """(height, width) of the first `frame` as a player shows it, and the `_display_transform` that turns the stream's
+    frames upright; the stream's coded size and no transform when no frame could be decoded (`frame` None)."""
+    if frame is None:
+        return stream.codec_context.height, stream.codec_context.width, None
     transform = _display_transform(frame)
     height, width = (frame.width, frame.height) if transform in _TRANSPOSING else (frame.height, frame.width)
     return height, width, transform
@@ -708,27 +720,27 @@ def read_video_pyav(
     """
     name = _describe(source)
     data = _load_source(source)
-    index, (coded_height, coded_width) = _read_index(data, name)
-    height, width, transform = _display_geometry(data, name)
-    for _ in range(
-        2
-    ):  # a second pass only if a stream without timestamps decodes to more or fewer frames than packets
-        metadata = _metadata(index, width, height)
-        indices = (
-            np.arange(index.count) if sample_indices_fn is None else np.asarray(sample_indices_fn(metadata=metadata))
-        )
-        if indices.size and (indices.min() < 0 or indices.max() >= index.count):
-            raise ValueError(f"Frame indices {indices.tolist()} are outside the {index.count} frames of {name}.")
-        wanted, inverse = np.unique(indices, return_inverse=True)  # decode each frame once, in stream order
-        out = np.empty((len(wanted), *(size or (height, width)), 3), dtype=np.uint8)  # (T, H, W, 3)
-        concealed = (
-            _decode(data, name, index, wanted.tolist(), out, transform, coded_height * coded_width)
-            if len(wanted)
-            else set()
-        )
-        if concealed is not None:
-            break
-        index = _recount(data, name, index)
+    # One decoding thread to index: with frame threading the first frame would wait for a packet per thread.
+    with _open_container(data, name, threads=1) as container:
+        first = []
+        index, (coded_height, coded_width) = _read_index(container, name, first)
+        height, width, transform = _display_geometry(first.pop() if first else None, container.streams.video[0])
+        # (the frame is dropped once read: its side_data keeps it alive until Python's cycle collector runs)
+        for _ in range(2):  # a second pass only if a stream without timestamps decodes to more or fewer frames
+            metadata = _metadata(index, width, height)
+            indices = np.asarray(sample_indices_fn(metadata=metadata)) if sample_indices_fn else np.arange(index.count)
+            if indices.size and (indices.min() < 0 or indices.max() >= index.count):
+                raise ValueError(f"Frame indices {indices.tolist()} are outside the {index.count} frames of {name}.")
+            wanted, inverse = np.unique(indices, return_inverse=True)  # decode each frame once, in stream order
+            out = np.empty((len(wanted), *(size or (height, width)), 3), dtype=np.uint8)  # (T, H, W, 3)
+            concealed = (
+                _decode(data, name, index, wanted.tolist(), out, transform, coded_height * coded_width, container)
+                if len(wanted)
+                else set()
+            )
+            if concealed is not None:
+                break
+            index = _recount(data, name, index)
     _warn_concealed(name, concealed, wanted.tolist(), index)
     metadata.frames_indices = indices.tolist()
     frames = out if np.array_equal(wanted, indices) else out[inverse.reshape(-1)]
@@ -756,17 +768,18 @@ def read_video_metadata(source) -> StormVideoMetadata:
         non-video input, or no video stream.
     """
     name = _describe(source)
-    index, (height, width) = _read_index(_load_source(source), name)
+    with _open_container(_load_source(source), name) as container:
+        index, (height, width) = _read_index(container, name)
     return _metadata(index, width, height)
 
 
-def _read_index(data, name: str) -> tuple[_FrameIndex, tuple[int, int]]:
-    """The frame index of the first video stream of `data` (by demuxing) and its coded `(height, width)`."""
-    with _open_container(data, name) as container:
-        if not container.streams.video:
-            raise ValueError(f"{name} contains no video stream (audio-only or not a video file).")
-        stream = container.streams.video[0]
-        return _index_frames(container, stream, name), (stream.codec_context.height, stream.codec_context.width)
+def _read_index(container, name: str, first: list | None = None) -> tuple[_FrameIndex, tuple[int, int]]:
+    """The frame index of the container's first video stream (by demuxing; `first`: see `_index_frames`) and its coded
+    `(height, width)`."""
+    if not container.streams.video:
+        raise ValueError(f"{name} contains no video stream (audio-only or not a video file).")
+    stream = container.streams.video[0]
+    return _index_frames(container, stream, name, first), (stream.codec_context.height, stream.codec_context.width)
 
 
 def _metadata(index: _FrameIndex, width: int, height: int) -> StormVideoMetadata:
@@ -792,12 +805,15 @@ def _decoding_threads() -> int:
 
 
 def _decode(
-    data, name: str, index: _FrameIndex, wanted: list[int], out: np.ndarray, transform, coded_pixels: int
+    data, name: str, index: _FrameIndex, wanted: list[int], out: np.ndarray, transform, coded_pixels: int,
+    opened=None,
 ) -> set[int] | None:
     """Decode the frames at positions `wanted` into `out`; returns the positions of the frames decoded with
     concealed errors, or None if a stream without timestamps did not decode to `index.count` frames. Long runs are
     split into stretches decoded at once (`_decoding_threads`); one stretch decodes with FFmpeg's threads (0: as many
-    as cores) unless that is 1 or the frames (`coded_pixels`, width × height) are small."""
+    as cores) unless that is 1 or the frames (`coded_pixels`, width × height) are small. A single stretch on one
+    thread seeks and decodes in `opened` (the container that indexed the stream with one thread) instead of opening
+    the data again (an open probes the stream: ~1 ms, more than decoding a small clip)."""
     budget = _decoding_threads()
     single = 1 if budget == 1 or coded_pixels < THREADED_DECODE_PIXELS else 0
     if index.pts is None:
@@ -808,15 +824,15 @@ def _decode(
     parts = _split_by_keyframe(wanted, index, budget)
     threads = max(1, budget // len(parts)) if len(parts) > 1 else single
 
-    def decode(part) -> set[int]:
+    def decode(part, container=None) -> set[int]:
         start, positions = part
-        with _open_container(data, name, threads) as container:
+        with _open_container(data, name, threads) if container is None else contextlib.nullcontext(container) as c:
             writer = _FrameWriter(out[start : start + len(positions)], transform)
-            _decode_by_timestamp(container, container.streams.video[0], positions, index, writer, name)
+            _decode_by_timestamp(c, c.streams.video[0], positions, index, writer, name)  # seeks first
         return writer.concealed
 
     if len(parts) == 1:
-        return decode(parts[0])
+        return decode(parts[0], opened if threads == 1 else None)
     with ThreadPoolExecutor(len(parts)) as pool:  # PyAV releases the GIL while decoding
         return set().union(*pool.map(decode, parts))
 
