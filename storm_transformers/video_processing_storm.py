@@ -421,22 +421,26 @@ def _seeks_on_pts(container) -> bool:
     )
 
 
-def _index_frames(container, stream, name: str, first: list | None = None) -> _FrameIndex:
-    """Index the frames of `stream` by demuxing it. With a list `first`, the packets are also decoded until the first
-    frame comes out, which is appended to `first` (`_first_frame`), so that one pass over the file gives the index
-    and the display geometry; without, nothing is decoded."""
-    packets = []
-    decoding = first is not None
+def _demux(container, stream, name: str, decode_first: bool = False) -> tuple[list[tuple], "av.VideoFrame | None"]:
+    """`(pts, dts, is_keyframe)` of every packet of `stream`, by demuxing it; with `decode_first`, the packets are also
+    decoded until the first frame comes out (`_first_frame`), which is returned too (one pass over the file gives the
+    index and the display geometry); else nothing is decoded and the frame is None."""
+    packets, first, decoding = [], None, decode_first
     try:
         for packet in container.demux(stream):
             if decoding:
-                decoding = _first_frame(stream, packet, first)
+                first, decoding = _first_frame(stream, packet)
             if packet.size:  # an empty packet flushes the demuxer at the end
                 packets.append((packet.pts, packet.dts, packet.is_keyframe))
     except av.error.FFmpegError as error:
         raise ValueError(
             f"Could not read the frames of {name} ({error.strerror}): the file is corrupt or truncated."
         ) from None
+    return packets, first
+
+
+def _index_frames(container, stream, name: str, packets: list[tuple]) -> _FrameIndex:
+    """Index the frames of `stream` from its `packets` (`_demux`)."""
     if not packets:
         raise ValueError(f"{name} has a video stream but no frames. Re-export the video.")
     if stream.frames and len(packets) < stream.frames:
@@ -665,16 +669,15 @@ def _split_by_keyframe(wanted: list[int], index: _FrameIndex, parts: int) -> lis
     return runs
 
 
-def _first_frame(stream, packet, first: list) -> bool:
-    """Decode `packet` (the empty last one drains the decoder) and append the first frame that comes out to `first`;
-    returns whether to go on decoding (no frame yet). A decoder error ends it with no frame: the geometry is then the
-    coded one (`_display_geometry`)."""
+def _first_frame(stream, packet) -> tuple["av.VideoFrame | None", bool]:
+    """Decode `packet` (the empty last one drains the decoder): the first frame that comes out, or None, and whether to
+    go on decoding (no frame yet). A decoder error ends it with no frame: the geometry is then the coded one
+    (`_display_geometry`)."""
     try:
         frames = stream.codec_context.decode(packet)
     except av.error.FFmpegError:
-        return False
-    first.extend(frames[:1])
-    return not frames
+        return None, False
+    return (frames[0], False) if frames else (None, True)
 
 
 def _display_geometry(frame, stream) -> tuple[int, int, str | None]:
@@ -722,10 +725,9 @@ def read_video_pyav(
     data = _load_source(source)
     # One decoding thread to index: with frame threading the first frame would wait for a packet per thread.
     with _open_container(data, name, threads=1) as container:
-        first = []
-        index, (coded_height, coded_width) = _read_index(container, name, first)
-        height, width, transform = _display_geometry(first.pop() if first else None, container.streams.video[0])
-        # (the frame is dropped once read: its side_data keeps it alive until Python's cycle collector runs)
+        index, (coded_height, coded_width), first = _read_index(container, name, decode_first=True)
+        height, width, transform = _display_geometry(first, container.streams.video[0])
+        del first  # read once: its side_data keeps the frame alive until Python's cycle collector runs
         for _ in range(2):  # a second pass only if a stream without timestamps decodes to more or fewer frames
             metadata = _metadata(index, width, height)
             indices = np.asarray(sample_indices_fn(metadata=metadata)) if sample_indices_fn else np.arange(index.count)
@@ -769,17 +771,19 @@ def read_video_metadata(source) -> StormVideoMetadata:
     """
     name = _describe(source)
     with _open_container(_load_source(source), name) as container:
-        index, (height, width) = _read_index(container, name)
+        index, (height, width), _ = _read_index(container, name)
     return _metadata(index, width, height)
 
 
-def _read_index(container, name: str, first: list | None = None) -> tuple[_FrameIndex, tuple[int, int]]:
-    """The frame index of the container's first video stream (by demuxing; `first`: see `_index_frames`) and its coded
-    `(height, width)`."""
+def _read_index(container, name: str, decode_first: bool = False):
+    """`(index, (height, width), first frame)`: the frame index of the container's first video stream (by demuxing),
+    its coded size, and with `decode_first` its first decoded frame (else None; see `_demux`)."""
     if not container.streams.video:
         raise ValueError(f"{name} contains no video stream (audio-only or not a video file).")
     stream = container.streams.video[0]
-    return _index_frames(container, stream, name, first), (stream.codec_context.height, stream.codec_context.width)
+    packets, first = _demux(container, stream, name, decode_first)
+    coded = (stream.codec_context.height, stream.codec_context.width)
+    return _index_frames(container, stream, name, packets), coded, first
 
 
 def _metadata(index: _FrameIndex, width: int, height: int) -> StormVideoMetadata:
