@@ -270,12 +270,12 @@ class StormDataCollator:
     def _encode(self, conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
         """The batch: media decoded row by row (a row whose media fail gets blanks and no labels), then one call of
         the processor's chat template for all rows (its per-call work, ~1.5 ms, paid once per batch), right-padded."""
-        loaded, failed = [], []
+        loaded, blank = [], []
         for messages in conversations:
             check_conversation(messages)
             messages, failure = self._load_media(messages)
             loaded.append(messages)
-            failed.append(failure is not None)
+            blank.append(failure is not None)
         tokenizer = self.processor.tokenizer
         inputs = self.processor.apply_chat_template(
             loaded,
@@ -286,7 +286,7 @@ class StormDataCollator:
         )
         input_ids = inputs["input_ids"]  # (B, L), right-padded
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for row, (messages, failure) in enumerate(zip(loaded, failed)):
+        for row, (messages, blanked) in enumerate(zip(loaded, blank)):
             length = int(inputs["attention_mask"][row].sum())
             ids = input_ids[row, :length]
             turns = sum(message["role"] == "assistant" for message in messages)
@@ -297,7 +297,7 @@ class StormDataCollator:
                     f"(expected ChatML: {ASSISTANT_HEADER!r} … {END_OF_TURN!r}). Use the chat template that "
                     "StormProcessor ships."
                 )
-            if not failure:
+            if not blanked:
                 labels[row, :length] = assistant_only_labels(ids, tokenizer)
         batch = {"input_ids": input_ids, "attention_mask": inputs["attention_mask"], "labels": labels}
         batch.update({key: inputs[key] for key in ("pixel_values_videos", "pixel_values") if key in inputs})
