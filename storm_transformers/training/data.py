@@ -290,15 +290,16 @@ class StormDataCollator:
             length = int(inputs["attention_mask"][row].sum())
             ids = input_ids[row, :length]
             turns = sum(message["role"] == "assistant" for message in messages)
-            found = len(assistant_spans(ids, tokenizer))
-            if found != turns:
+            spans = assistant_spans(ids, tokenizer)
+            if len(spans) != turns:
                 raise ValueError(
-                    f"The conversation has {turns} assistant turns but {found} were found in the rendered tokens "
+                    f"The conversation has {turns} assistant turns but {len(spans)} were found in the rendered tokens "
                     f"(expected ChatML: {ASSISTANT_HEADER!r} … {END_OF_TURN!r}). Use the chat template that "
                     "StormProcessor ships."
                 )
-            if not blanked:
-                labels[row, :length] = assistant_only_labels(ids, tokenizer)
+            if not blanked:  # as assistant_only_labels does, from the spans found once
+                for start, stop in spans:
+                    labels[row, start:stop] = ids[start:stop]
         batch = {"input_ids": input_ids, "attention_mask": inputs["attention_mask"], "labels": labels}
         batch.update({key: inputs[key] for key in ("pixel_values_videos", "pixel_values") if key in inputs})
         return batch
