@@ -7,23 +7,26 @@ parts `text`, `image_url` and `video_url` (a local path on the server, an http(s
 `data:video/mp4;base64,...`). Tested in `tests/test_serving.py` with the `openai` client.
 
 Why `transformers serve FOLDER` cannot serve STORM by itself, and what `registered_for_serving` changes (transformers
-5.17 to 5.24, `transformers/cli/serving/model_manager.py`, identical in both on these points):
+5.17 to 5.25, `transformers/cli/serving/model_manager.py`, identical in all on these points):
 
-1. `ModelManager._load_model` loads a checkpoint with `getattr(transformers, config.architectures[0])`, i.e. only a
-   class that transformers itself exports (`AutoModelForMultimodalLM` is used only when the config's `model_type` is
-   in the static table `MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES`, which `AutoModelForMultimodalLM.register` does not
-   change). STORM's class is therefore set as the attribute `transformers.StormForConditionalGeneration`.
-2. `ModelManager.get_model_modality` decides what a model takes from the static tables `MODEL_FOR_*_MAPPING_NAMES`:
-   a class in `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` is a VLM (text, `image_url`, `video_url` parts); one in
+1. The server loads a checkpoint with `getattr(transformers, config.architectures[0])`, i.e. only a class that
+   transformers itself exports (`AutoModelForMultimodalLM` is used only when the config's `model_type` is in the
+   static table `MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES`, which `AutoModelForMultimodalLM.register` does not change).
+   STORM's class is therefore set as the attribute `transformers.StormForConditionalGeneration`.
+2. The server decides what a model takes from the static tables `MODEL_FOR_*_MAPPING_NAMES`: a class in
+   `MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES` is a VLM (text, `image_url`, `video_url` parts); one in
    `MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES` is "multimodal", which also loads the audio track of every video (STORM
    has no audio input); any other class is refused ("Unknown modality"). STORM is entered in the image-text-to-text
    table only.
 
 Both entries exist only inside `registered_for_serving()` (`storm serve` runs the whole server inside it) and are
-removed on exit. `StormServe` is transformers' `Serve` with two additions of ours: errors in a request (a video that
-is missing, corrupt, not base64, too long for the context, …) are an HTTP 400 whose message names the problem and
-never echoes the request's payload, instead of a 500; and videos are sampled as the checkpoint's processor says
-(`num_frames`, its training frame count) instead of the server's fixed 32 frames.
+removed on exit. From transformers 5.25 the model loads and generates in a spawned process of its own, with a copy of
+the server's `ModelLoader`: `StormServe` gives the server `StormModelLoader`, whose unpickling there imports this
+package and which loads inside `registered_for_serving()`. `StormServe` is transformers' `Serve` with two additions
+of ours: errors in a request (a video that is missing, corrupt, not base64, too long for the context, …) are an HTTP
+400 whose message names the problem and never echoes the request's payload, instead of a 500 (or, on 5.25, a 400
+that quotes it); and videos are sampled as the checkpoint's processor says (`num_frames`, its training frame count)
+instead of the server's fixed 32 frames.
 """
 
 import contextlib
@@ -32,7 +35,9 @@ import json
 import re
 import traceback
 
-from transformers.cli.serve import Serve  # imports no serving package (FastAPI etc. load when a server starts)
+# transformers' server; its modules import the serving packages (FastAPI etc.) only where they are installed
+from transformers.cli.serve import Serve
+from transformers.cli.serving import model_manager, server
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -58,11 +63,14 @@ def registered_for_serving():
     STORM is registered with the Auto classes by the package's import (`storm_transformers/__init__.py`); undoes both
     entries on exit, also when the block raises.
     """
-    import transformers
     from transformers.models.auto import modeling_auto
 
     from . import StormConfig, StormForConditionalGeneration
 
+    # The `transformers` module object that the server's lookup reads: importing `AutoProcessor` can put another
+    # object under sys.modules["transformers"] (processing_utils' `direct_transformers_import`), so `import
+    # transformers` here need not give the one model_manager imported, as in the model's process on 5.25.
+    transformers = model_manager.transformers
     name, model_type = StormForConditionalGeneration.__name__, StormConfig.model_type
     table = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     add_entry, add_class = model_type not in table, not hasattr(transformers, name)  # undo only what is added here
@@ -117,7 +125,7 @@ def check_serving_available() -> None:
 
     Raises:
         RuntimeError: the serving packages (FastAPI, uvicorn, openai, pydantic) are missing, or this transformers has
-        no `Serve` of the 5.17–5.24 form (`chat_template_kwargs`, `non_blocking`, `start_server`).
+        no `Serve` of the 5.17–5.25 form (`force_model`, `chat_template_kwargs`, `serving.server.build_server`).
     """
     import transformers
     from transformers.utils.import_utils import is_serve_available
@@ -127,18 +135,57 @@ def check_serving_available() -> None:
             f"storm serve runs transformers' server, which needs FastAPI, uvicorn, openai and pydantic: "
             f"{SERVE_INSTALL}."
         )
-    used = {"force_model", "chat_template_kwargs", "non_blocking"}
-    if not used <= inspect.signature(Serve.__init__).parameters.keys() or not hasattr(Serve, "start_server"):
+    used = {"force_model", "chat_template_kwargs", "host", "port", "device", "dtype"}
+    if not used <= inspect.signature(Serve.__init__).parameters.keys() or not hasattr(server, "build_server"):
         raise RuntimeError(
-            f"storm serve needs the Serve of transformers 5.17 to 5.24; transformers {transformers.__version__} has "
+            f"storm serve needs the Serve of transformers 5.17 to 5.25; transformers {transformers.__version__} has "
             "another one. Install a version in that range (pyproject.toml)."
         )
 
 
+if hasattr(model_manager, "ModelLoader"):  # transformers >= 5.25: each model loads in a spawned process of its own
+
+    class StormModelLoader(model_manager.ModelLoader):
+        """transformers' `ModelLoader` (5.25+; same arguments) that loads inside `registered_for_serving()`. The
+        server pickles its loader into the model's spawned process; unpickling this class there imports
+        `storm_transformers` (STORM's Auto registrations), and loading registers the rest."""
+
+        def load_model_and_processor(self, model_id: str, on_progress=None):
+            """`ModelLoader.load_model_and_processor` with STORM registered for serving."""
+            with registered_for_serving():
+                return super().load_model_and_processor(model_id, on_progress)
+
+
+@contextlib.contextmanager
+def _storm_server_parts():
+    """Within the block, transformers' `Serve` builds its FastAPI app with our error handler (`_error_response`: 400
+    for errors in a request, payloads left out) and, from 5.25, its models' loader as `StormModelLoader`. `Serve`
+    imports both names from their modules when it starts; they are put back on exit."""
+    build_server = server.build_server
+
+    def build_storm_server(*args, **kwargs):
+        app = build_server(*args, **kwargs)
+        for error in (*REQUEST_ERRORS, RuntimeError):
+            app.add_exception_handler(error, _error_response)  # replaces transformers' ValueError handler (5.25)
+        return app
+
+    loader = getattr(model_manager, "ModelLoader", None)
+    server.build_server = build_storm_server
+    if loader is not None:
+        model_manager.ModelLoader = StormModelLoader
+    try:
+        yield
+    finally:
+        server.build_server = build_server
+        if loader is not None:
+            model_manager.ModelLoader = loader
+
+
 class StormServe(Serve):
     """transformers' `Serve` (its app, handlers, model manager and uvicorn server, unchanged) for one STORM
-    checkpoint, plus our error handler (400 for errors in a request, payloads left out) and the processor's frame
-    sampling for videos. Serves in this thread until interrupted. Use it inside `registered_for_serving()`.
+    checkpoint, plus our error handler (400 for errors in a request, payloads left out), the processor's frame
+    sampling for videos and, from transformers 5.25, `StormModelLoader`. Serves in this thread until interrupted. Use
+    it inside `registered_for_serving()`.
 
     Args:
         model (`str`): the checkpoint folder, preloaded; requests name it as their `model`.
@@ -148,24 +195,17 @@ class StormServe(Serve):
     """
 
     def __init__(self, model: str, *, host: str, port: int, device: str = "auto", dtype: str = "auto"):
-        super().__init__(
-            force_model=model,
-            host=host,
-            port=port,
-            device=device,
-            dtype=dtype,
-            # The server asks for 32 frames of every video; None leaves it to the request (chat_template_kwargs
-            # num_frames or fps) or else to the processor's num_frames, the checkpoint's own frame count.
-            chat_template_kwargs=json.dumps({"num_frames": None}),
-            non_blocking=True,  # so that Serve calls start_server() (below) once its app is built, before it listens
-        )
-
-    def start_server(self):
-        """Add our error handler to the server's FastAPI app (before its first request), then serve until
-        interrupted (as `Serve` does without `non_blocking`)."""
-        for error in (*REQUEST_ERRORS, RuntimeError):
-            self.server.config.app.add_exception_handler(error, _error_response)
-        self.server.run()
+        with _storm_server_parts():
+            super().__init__(
+                force_model=model,
+                host=host,
+                port=port,
+                device=device,
+                dtype=dtype,
+                # The server asks for 32 frames of every video; None leaves it to the request (chat_template_kwargs
+                # num_frames or fps) or else to the processor's num_frames, the checkpoint's own frame count.
+                chat_template_kwargs=json.dumps({"num_frames": None}),
+            )
 
 
 def serve_command(args) -> None:
