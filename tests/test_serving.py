@@ -189,6 +189,31 @@ def test_errors_of_the_server_are_500s_and_errors_of_the_request_400s_both_witho
     assert "QUJDQUJD" not in caplog.text
 
 
+def test_storm_server_parts_are_ours_only_while_the_server_starts():
+    """`_storm_server_parts`: inside, transformers' `build_server` returns an app whose ValueError handler is ours and
+    (transformers >= 5.25) its `ModelLoader` is `StormModelLoader`, which pickles by reference (the model's spawned
+    process imports it); both names are transformers' own again on exit."""
+    pytest.importorskip("fastapi", reason="storm serve needs the serve extra: pip install -e '.[serve]'")
+    import inspect
+    import pickle
+
+    from transformers.cli.serving import model_manager, server
+
+    from storm_transformers import serving
+
+    build_server, loader = server.build_server, getattr(model_manager, "ModelLoader", None)
+    with serving._storm_server_parts():
+        assert server.build_server is not build_server
+        required = [p for p in inspect.signature(build_server).parameters.values() if p.default is p.empty]
+        app = server.build_server(*[None] * len(required))  # handlers and manager are only referenced by routes
+        assert app.exception_handlers[ValueError] is serving._error_response
+        if loader is not None:
+            assert model_manager.ModelLoader is serving.StormModelLoader
+            copy = pickle.loads(pickle.dumps(serving.StormModelLoader(device="cpu")))
+            assert type(copy) is serving.StormModelLoader and copy.device == "cpu"
+    assert server.build_server is build_server and getattr(model_manager, "ModelLoader", None) is loader
+
+
 def test_storm_serve_says_what_to_install_without_the_serving_packages(tiny_checkpoint, monkeypatch, capsys):
     from transformers.utils import import_utils
 
