@@ -1,5 +1,10 @@
 """Pieces of the miniature experiment (storm_transformers/training/miniature.py) that run without a GPU."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +159,38 @@ def test_exported_card_says_what_the_model_answers_partly_and_how_it_was_trained
     assert "; on direction, count questions it is no better than guessing." in text
     assert "curriculum" not in text
     assert "1500 steps of 128 frames, shapes of radius 8 px," in text
+
+
+def test_spawned_processes_exit_when_the_main_process_is_killed(tmp_path):
+    """A SIGKILL reaches only the main process: the evaluation / stage-0 processes it spawned (initialiser
+    `_spawned_process`) must not go on without it."""
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from storm_transformers.training.miniature import _spawned_process\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                               initializer=_spawned_process, initargs=(1,))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    def running(pid):  # neither gone nor a zombie waiting for its new parent to reap it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(main.stdout.readline())
+    time.sleep(2)
+    assert running(child)  # alive while the main process is
+    main.kill()
+    main.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not running(child):
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail(f"the spawned process {child} outlived the killed main process by 30 s")

@@ -284,14 +284,24 @@ def checkpoints(sft_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _spawned_process(threads: int) -> None:
-    """Initialiser of the processes that evaluate or run stage 0: `threads` intra-op threads, and the tiny vision
-    tower not compiled (as in `main`)."""
+    """Initialiser of the processes that evaluate or run stage 0: `threads` intra-op threads, the tiny vision tower
+    not compiled (as in `main`), and an exit as soon as the process that started it has gone (a SIGTERM or SIGKILL
+    reaches only `main`, Ctrl-C the whole process group; without it stage 0 trains on for minutes with nobody to use
+    it). Their DataLoader workers exit with them (PyTorch's worker watchdog)."""
     import torch
 
     from storm_transformers import kernels
 
     torch.set_num_threads(threads)
     kernels.COMPILE_VISION_TOWER = False
+    parent = os.getppid()
+
+    def exit_with_parent():  # checks once a second: the orphan is adopted by another process
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
 
 
 def evaluate(model_dir: Path, data: Path, split: str = "test", temporal_sample_rate: int = 1,
