@@ -265,7 +265,8 @@ class StormDataCollator:
         """One row: 1-D `input_ids`, `attention_mask`, `labels`, plus the row's `pixel_values_videos` /
         `pixel_values` (first dimension: its number of videos / images)."""
         row = self._encode([messages])
-        return {key: value[0] if key in ("input_ids", "attention_mask", "labels") else value for key, value in row.items()}
+        one_row = ("input_ids", "attention_mask", "labels")  # (1, L) -> (L,)
+        return {key: value[0] if key in one_row else value for key, value in row.items()}
 
     def _encode(self, conversations: list[list[dict]]) -> dict[str, torch.Tensor]:
         """The batch: media decoded row by row (a row whose media fail gets blanks and no labels), then one call of

@@ -21,9 +21,9 @@ backgrounds, shape sizes and speeds), with linear probes of its visual tokens (`
 points along SFT on the validation split (per-type learning curves), in processes of their own beside the training
 runs. Same data, steps and seeds for every row; the training split asks more of the question types learned late
 (`TRAIN_MIX`, `--train-mix`), the test split is uniform. On one H200 (16 cores) the seven key configurations of one
-seed took 459–489 s (`--parallel 7`, the default; 2026-12-03, commit 9522891: docs/miniature.md, "Results"). Results: `<output>/results.json` and `<output>/results.md`; checkpoints under
-`<output>/runs/<config>-seed<seed>/sft`; the clips under `<output>/data*`, reused by a later run with the same data
-arguments.
+seed took 459–489 s (`--parallel 7`, the default; 2026-12-03, commit 9522891: docs/miniature.md, "Results").
+Results: `<output>/results.json` and `<output>/results.md`; checkpoints under `<output>/runs/<config>-seed<seed>/sft`;
+the clips under `<output>/data*`, reused by a later run with the same data arguments.
 
 | config | temporal encoder | temporal pooling k | clip frames | paper's counterpart |
 |---|---|---|---|---|
