@@ -169,6 +169,22 @@ def test_chunked_scan_gives_the_whole_sequence_gradients(bidirectional, checkpoi
         torch.testing.assert_close(chunked[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_chunked_scan_with_a_lora_on_in_proj_equals_the_whole_sequence_scan():
+    """`in_proj` wrapped by PEFT (LoRA): every use of it, the backward scan's chunk states included, goes through the
+    adapter, so that a chunked scan still equals the whole-sequence one and differs from the model without LoRA."""
+    peft = pytest.importorskip("peft")
+    model = _scaled_encoder(bidirectional=True)
+    x = torch.randn(2, 40, 16)
+    with torch.no_grad():
+        base = model(x, chunk_size=40)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(model, config).base_model.model
+    with torch.no_grad():
+        whole, chunked = lora(x, chunk_size=40), lora(x, chunk_size=8)
+    assert (whole - base).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
 def test_chunks_hold_no_tensor_of_the_whole_sequence_wider_than_the_residual_stream():
     """Counting every tensor the ops produce: in chunks, nothing is larger than the (B, L, D) residual stream; in one
     chunk, the 2E-wide tensors (in_proj output, convolution, Δ) of the whole sequence appear."""

@@ -123,8 +123,7 @@ class StormMambaMixer(nn.Module):
             The mixer output `(B, c, D)`, and the forward scan's state after the chunk (None when no state is carried
             in or asked for: a whole sequence at once).
         """
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, c, E) each
-        x = x.transpose(1, 2)  # (B, E, c)
+        x, z = _channels_first_linear(self.in_proj, hidden_states).chunk(2, dim=1)  # (B, E, c) each, contiguous
         directions = self.directions()
         scan_inputs = [x, x.flip(-1)] if self.bidirectional else [x]  # each in its scan order
         y, states = self._scan(scan_inputs, directions, [state, backward_state][: len(directions)], return_state)
@@ -132,13 +131,13 @@ class StormMambaMixer(nn.Module):
             y_forward, y_backward = y.chunk(2, dim=1)
             y = y_forward + y_backward.flip(-1)
             y = y if self.merge == "sum" else y / 2
-        y = y * F.silu(z.transpose(1, 2))  # (B, E, c)
+        y = y * F.silu(z)  # (B, E, c)
         return self.out_proj(y.transpose(1, 2)), None if states is None else states[0]  # (B, c, D)
 
     def backward_scan_state(self, hidden_states: torch.Tensor, state: StormScanState | None) -> StormScanState:
         """The backward scan's state after reading the chunk `(B, c, D)` right to left, starting from `state`."""
-        x = F.linear(hidden_states, self.in_proj.weight[: self.config.intermediate_size])  # (B, c, E): z only gates y
-        return self._scan([x.transpose(1, 2).flip(-1)], self.directions()[1:], [state], return_state=True)[1][0]
+        x = _channels_first_linear(self.in_proj, hidden_states, self.config.intermediate_size)  # (B, E, c): no z
+        return self._scan([x.flip(-1)], self.directions()[1:], [state], return_state=True)[1][0]
 
     def _scan(self, xs, directions, states, return_state):
         """Causal conv + selective scan of G = len(directions) directions at once.
@@ -196,6 +195,18 @@ class StormMambaMixer(nn.Module):
             for part, h in zip(conv_inputs.chunk(groups, dim=1), last.chunk(groups, dim=1))
         ]
         return y, new_states
+
+
+def _channels_first_linear(linear: nn.Module, hidden_states: torch.Tensor, features: int | None = None) -> torch.Tensor:
+    """`linear(hidden_states)` laid out channels first, `(B, c, D)` → `(B, features, c)` contiguous (the first
+    `features` outputs, all when None), as the convolution and the scan read it. For a plain `nn.Linear` the product
+    is computed in that layout (W·hᵀ), so that no transposed copy of the 2E-wide output is made; any other module (a
+    PEFT LoRA layer, a hook) is called as it is and its output transposed."""
+    if type(linear) is nn.Linear and linear.bias is None:
+        weight = linear.weight if features is None else linear.weight[:features]
+        return torch.matmul(weight, hidden_states.mT)  # (B, features, c)
+    out = linear(hidden_states)  # (B, c, out_features)
+    return (out if features is None else out[..., :features]).transpose(1, 2).contiguous()
 
 
 def _cat(tensors, dim: int = 0) -> torch.Tensor:
