@@ -24,8 +24,9 @@ Sections (pick with --sections; all GPU sections by default, in this order):
   time to first token (one full forward with `logits_to_keep=1`) and peak GPU memory. Stage times are CUDA events
   recorded around those calls inside that same forward, so that they add up to the TTFT.
 - `peers`: STORM 4× (k=4), STORM 1× (no compression) and transformers' LLaVA-OneVision-7B (eager, its default;
-  and with its SigLIP layers compiled as STORM's are) on 128 frames, measured in turn, --rounds times in one run;
-  each ratio is given as the median over the rounds with its min-max spread.
+  and with its SigLIP layers, and its LLM's norms and MLPs at prefill, compiled as STORM's are) on 128 frames,
+  measured in turn, --rounds times in one run; each ratio is given as the median over the rounds with its min-max
+  spread.
 - `decode`: decode speed at batch 1 after a 128-frame k=4 prefill: with transformers' SDPA, the dynamic cache
   (transformers' default), the static cache (`cache_implementation="static"`; transformers then compiles the decode
   step with CUDA graphs) and the static cache for the LLM alone (Qwen2ForCausalLM holding STORM's LLM, a text prompt
@@ -53,6 +54,7 @@ seconds (the Triton scan under Triton's interpreter): it tests this script and m
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -200,27 +202,28 @@ def available_scan_paths() -> list[str]:
 
 @contextlib.contextmanager
 def vision_compilation(options: dict | None):
-    """Run STORM's vision tower eagerly (None) or with its encoder layer compiled with `options` (fresh compile)."""
+    """Run STORM's compiled regions (its vision tower's layers; the LLM's norms and MLPs at prefill) eagerly (None) or
+    compiled with `options` (fresh compile)."""
     import storm_transformers.modeling_storm as modeling
     from storm_transformers import kernels
 
-    saved = kernels.COMPILE_VISION_TOWER, dict(kernels.VISION_COMPILE_OPTIONS), modeling.vision_layer_runner
-    kernels.COMPILE_VISION_TOWER = options is not None
-    kernels.VISION_COMPILE_OPTIONS.clear()
-    kernels.VISION_COMPILE_OPTIONS.update(options or {})
-    kernels._compiled_vision_layer.cache_clear()
+    saved = kernels.COMPILE_REGIONS, dict(kernels.COMPILE_OPTIONS), modeling.region_runner
+    kernels.COMPILE_REGIONS = options is not None
+    kernels.COMPILE_OPTIONS.clear()
+    kernels.COMPILE_OPTIONS.update(options or {})
+    kernels._compiled.cache_clear()
     torch._dynamo.reset()
     if SMOKE and options is not None:  # the CPU: compile anyway, with dynamo's eager backend (tests the plumbing)
-        kernels.VISION_COMPILE_OPTIONS.update(backend="eager")
-        modeling.vision_layer_runner = lambda hidden_states: kernels._compiled_or_eager
+        kernels.COMPILE_OPTIONS.update(backend="eager")
+        modeling.region_runner = lambda region, hidden_states: functools.partial(kernels._compiled_or_eager, region)
     try:
         yield
     finally:
-        kernels.COMPILE_VISION_TOWER = saved[0]
-        kernels.VISION_COMPILE_OPTIONS.clear()
-        kernels.VISION_COMPILE_OPTIONS.update(saved[1])
-        kernels._compiled_vision_layer.cache_clear()
-        modeling.vision_layer_runner = saved[2]
+        kernels.COMPILE_REGIONS = saved[0]
+        kernels.COMPILE_OPTIONS.clear()
+        kernels.COMPILE_OPTIONS.update(saved[1])
+        kernels._compiled.cache_clear()
+        modeling.region_runner = saved[2]
 
 
 # ---------------------------------------------------------------- models
@@ -699,11 +702,12 @@ def bench_peers(rounds, repeats) -> list[dict]:
     llava_layers = llava.model.vision_tower.encoder.layers
     from storm_transformers import kernels
 
-    compile_options = dict(kernels.VISION_COMPILE_OPTIONS) | ({"backend": "eager"} if SMOKE else {})
+    compile_options = dict(kernels.COMPILE_OPTIONS) | ({"backend": "eager"} if SMOKE else {})
     compiled_calls = []
     for layer in llava_layers:  # compiled as STORM's: in place, toggled below
         layer.compile(**compile_options)
         compiled_calls.append(layer._compiled_call_impl)
+    kernels.use_compiled_prefill_regions(llava.model.language_model)  # its LLM's norms and MLPs too, as STORM's
 
     def storm_run(name):
         def run():
@@ -716,12 +720,16 @@ def bench_peers(rounds, repeats) -> list[dict]:
         def run():
             for layer, call in zip(llava_layers, compiled_calls):
                 layer._compiled_call_impl = call if compiled else None
-            return prefill(llava, llava_inputs)
+            saved, kernels.COMPILE_REGIONS = kernels.COMPILE_REGIONS, compiled
+            try:
+                return prefill(llava, llava_inputs)
+            finally:
+                kernels.COMPILE_REGIONS = saved
 
         return run
 
     runs = {"STORM 4× (k=4)": storm_run("4× (k=4)"), "STORM 1×": storm_run("1×"),
-            "LLaVA-OV (eager)": llava_run(False), "LLaVA-OV (vision layers compiled)": llava_run(True)}
+            "LLaVA-OV (eager)": llava_run(False), "LLaVA-OV (compiled as STORM)": llava_run(True)}
     first = {name: first_call(run)[0] for name, run in runs.items()}  # compilations happen here
     times = defaultdict(list)
     rows = []

@@ -5,6 +5,7 @@ with the torch path, in float32 and bfloat16, outputs and gradients, whole and i
 Triton kernels also run on the CPU under Triton's interpreter: tests/test_selective_scan_triton.py.
 """
 
+import functools
 import subprocess
 import sys
 
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 import storm_transformers.temporal_encoder as temporal_encoder
-from storm_transformers import StormTemporalEncoder, StormTemporalEncoderConfig, kernels
+from storm_transformers import StormForConditionalGeneration, StormTemporalEncoder, StormTemporalEncoderConfig, kernels
 from storm_transformers.kernels import MambaKernels, mamba_kernels, selective_scan_with_state, triton_selective_scan
 from storm_transformers.selective_scan import selective_scan
+from storm_testing import tiny_config
 
 
 def test_kernels_are_not_imported_with_the_package():
@@ -242,14 +244,14 @@ def test_chunked_kernel_path_equals_whole_sequence_kernel_and_torch_paths(monkey
 
 @pytest.fixture
 def eager_backend_compilation(monkeypatch):
-    """Compile the vision layer with dynamo's "eager" backend (tracing and guards as on a GPU, no code generation)."""
+    """Compile regions with dynamo's "eager" backend (tracing and guards as on a GPU, no code generation)."""
     from storm_transformers import kernels
 
-    monkeypatch.setattr(kernels, "VISION_COMPILE_OPTIONS", {"backend": "eager"})
-    kernels._compiled_vision_layer.cache_clear()
+    monkeypatch.setattr(kernels, "COMPILE_OPTIONS", {"backend": "eager"})
+    kernels._compiled.cache_clear()
     torch._dynamo.reset()
     yield kernels
-    kernels._compiled_vision_layer.cache_clear()
+    kernels._compiled.cache_clear()
     torch._dynamo.reset()
 
 
@@ -271,33 +273,62 @@ def test_compiled_vision_layers_share_one_graph_and_equal_eager(eager_backend_co
     tower = _tiny_siglip()
     with torch.no_grad():
         pixels = torch.randn(3, 3, 32, 32)
-        assert kernels.vision_layer_runner(pixels) is kernels.run_vision_layer  # CPU tensors: eager
+        assert kernels.region_runner(kernels.run_vision_layer, pixels) is kernels.run_vision_layer  # CPU: eager
         expected = vision_hidden_state(tower, pixels, -2)
         counters.clear()
         hidden = tower.embeddings(pixels)
         for layer in tower.encoder.layers[:3]:
-            hidden = kernels._compiled_or_eager(layer, hidden)
-    torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-6)
+            hidden = kernels._compiled_or_eager(kernels.run_vision_layer, layer, hidden)
+    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1  # one compilation for the three layers
     with torch.enable_grad():
-        assert kernels.vision_layer_runner(pixels) is kernels.run_vision_layer  # autograd recording: eager
+        assert kernels.region_runner(kernels.run_vision_layer, pixels) is kernels.run_vision_layer  # autograd: eager
 
 
-def test_failed_vision_compilation_falls_back_to_eager(eager_backend_compilation, monkeypatch):
+def test_failed_compilation_falls_back_to_eager(eager_backend_compilation, monkeypatch):
     kernels = eager_backend_compilation
 
     def failing_backend(graph_module, example_inputs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(kernels, "VISION_COMPILE_OPTIONS", {"backend": failing_backend})
-    monkeypatch.setattr(kernels, "COMPILE_VISION_TOWER", True)
+    monkeypatch.setattr(kernels, "COMPILE_OPTIONS", {"backend": failing_backend})
+    monkeypatch.setattr(kernels, "COMPILE_REGIONS", True)
     tower = _tiny_siglip()
     with torch.no_grad():
         hidden = tower.embeddings(torch.randn(2, 3, 32, 32))
-        with pytest.warns(UserWarning, match="running them eagerly"):
-            out = kernels._compiled_or_eager(tower.encoder.layers[0], hidden)
+        with pytest.warns(UserWarning, match="(?s)run_vision_layer failed.*eagerly"):
+            out = kernels._compiled_or_eager(kernels.run_vision_layer, tower.encoder.layers[0], hidden)
         torch.testing.assert_close(out, kernels.run_vision_layer(tower.encoder.layers[0], hidden))
-    assert kernels.COMPILE_VISION_TOWER is False
+    assert kernels.COMPILE_REGIONS is False
+
+
+def test_llm_norms_and_mlps_run_compiled_at_prefill_only(eager_backend_compilation, monkeypatch):
+    """As on a GPU (regions usable whatever the device): a prompt runs the LLM's 2·L RMSNorms and L MLPs through two
+    compiled graphs (one per module class) and gives the eager result; decode steps (one token) run eagerly."""
+    from torch._dynamo.utils import counters
+
+    kernels = eager_backend_compilation
+    torch.manual_seed(0)
+    model = StormForConditionalGeneration(tiny_config()).eval()
+    text = model.model.language_model
+    layer = text.layers[0]
+    assert isinstance(layer.mlp.forward, functools.partial)  # installed by StormModel.__init__
+    inputs = {"input_ids": torch.randint(0, 50, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        seen = []
+        monkeypatch.setattr(kernels, "region_runner",
+                            lambda region, hidden: seen.append(hidden.shape) or functools.partial(kernels._compiled_or_eager, region))
+        counters.clear()
+        out = model(**inputs, use_cache=True)
+        assert len(seen) == 3 * len(text.layers) and all(shape[1] == 7 for shape in seen)
+        assert counters["stats"]["unique_graphs"] == 2  # RMSNorm and MLP, each shared by every layer
+        seen.clear()
+        step = model(input_ids=torch.randint(0, 50, (2, 1)), past_key_values=out.past_key_values,
+                     attention_mask=torch.ones(2, 8, dtype=torch.long))
+        assert seen == []  # a decode step: eager
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert step.logits.shape == (2, 1, model.config.text_config.vocab_size)
 
 
 @pytest.mark.skipif(

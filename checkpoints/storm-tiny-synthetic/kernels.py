@@ -11,8 +11,8 @@
 Which one runs is decided in one place, `StormMambaMixer._scan`: mamba_ssm when it imports, else Triton, for CUDA
 tensors when `temporal_encoder_config.use_mamba_kernels` is on; the torch spec otherwise.
 
-Also here: the regional compilation of the vision tower's layers (`vision_layer_runner`, on by default for CUDA
-inference), the LLM's attention for decode steps (`gqa_decode_attention`, registered with transformers'
+Also here: regional compilation for CUDA inference (`region_runner`, on by default: the vision tower's layers, and the
+LLM's norms and MLPs at prefill), the LLM's attention for decode steps (`gqa_decode_attention`, registered with transformers'
 `AttentionInterface` as `GQA_DECODE_ATTENTION`; `load_storm`'s default) and an opt-in FP8 conversion of linears for
 inference on Hopper GPUs (`quantize_linears_fp8`).
 """
@@ -130,12 +130,48 @@ def selective_scan_with_state(
     return y.to(dtype), out[..., start + length :].contiguous()  # a copy: the chunk's output is not kept alive
 
 
-# ---------------------------------------------------------------- vision tower: regional compilation
+# ---------------------------------------------------------------- regional compilation (CUDA inference)
 
-# `vision_layer_runner` compiles SigLIP's encoder layer for CUDA inference when this is True; False runs it eagerly.
-COMPILE_VISION_TOWER = True
-# Options of that `torch.compile` (its default mode: inductor, no autotuning; docs/benchmarks.md compares modes).
-VISION_COMPILE_OPTIONS: dict = {}
+# The regions below (`region_runner`) run compiled for CUDA inference while this is True; False runs them eagerly.
+COMPILE_REGIONS = True
+# Options of their `torch.compile` (its default mode: inductor, no autotuning; docs/benchmarks.md compares modes).
+COMPILE_OPTIONS: dict = {}
+# The LLM's modules that run compiled at prefill (`use_compiled_prefill_regions`): in each decoder layer of a
+# transformers Llama-family model (Qwen2 included), the two RMSNorms and the MLP, where eager PyTorch launches one
+# kernel per element-wise op (RMSNorm: 7; SiLU·up: 2) over activations of every prompt token.
+PREFILL_REGIONS = ("input_layernorm", "post_attention_layernorm", "mlp")
+
+
+def region_runner(region: Callable, hidden_states: torch.Tensor) -> Callable:
+    """How to run `region(module, hidden_states, ...)` (a function of a module, e.g. a class's `forward`): compiled for
+    CUDA tensors at inference (no autograd recording, not already inside `torch.compile`) while `COMPILE_REGIONS` is
+    on, else `region` itself.
+
+    Regional compilation (as accelerate's `compile_regions`): one `torch.compile` per region function, and since
+    torch.compile lifts a module's parameters to graph inputs, every module it runs (the 26 SigLIP layers, the 57
+    RMSNorms of Qwen2-7B) shares one compiled graph; a second input shape (another prompt length, the last, shorter
+    chunk of frames) compiles once more with dynamic shapes, then nothing else does. The first call compiles
+    (docs/benchmarks.md gives the time); if compiling fails, a warning says why and every region runs eagerly from
+    then on."""
+    usable = hidden_states.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    return functools.partial(_compiled_or_eager, region) if COMPILE_REGIONS and usable else region
+
+
+@functools.cache
+def _compiled(region: Callable) -> Callable:
+    return torch.compile(region, **COMPILE_OPTIONS)
+
+
+def _compiled_or_eager(region, *args, **kwargs):
+    global COMPILE_REGIONS
+    try:
+        return _compiled(region)(*args, **kwargs)
+    except torch._dynamo.exc.TorchDynamoException as error:  # compilation failed: same result, eagerly
+        COMPILE_REGIONS = False
+        warnings.warn(f"Compiling {region.__qualname__} failed ({type(error).__name__}: {error}); running it and the "
+                      "other compiled regions eagerly (storm_transformers.kernels.COMPILE_REGIONS = False).",
+                      stacklevel=2)
+        return region(*args, **kwargs)
 
 
 def run_vision_layer(layer: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -143,33 +179,23 @@ def run_vision_layer(layer: torch.nn.Module, hidden_states: torch.Tensor) -> tor
     return layer(hidden_states, None)
 
 
-@functools.cache
-def _compiled_vision_layer():
-    return torch.compile(run_vision_layer, **VISION_COMPILE_OPTIONS)
+def use_compiled_prefill_regions(language_model: torch.nn.Module) -> None:
+    """Make the `PREFILL_REGIONS` modules of `language_model`'s decoder layers run compiled at prefill: each module's
+    `forward` becomes its class's `forward` through `region_runner` when its input holds more than one token per
+    sequence, and the class's `forward` itself otherwise (decode steps, which transformers compiles whole with a static
+    cache). Other models (no `layers`, other names) are left as they are. Parameters, state dicts and adapters
+    (PEFT wraps the MLP's linears, which the class's `forward` calls) are untouched."""
+    for layer in getattr(language_model, "layers", ()):
+        for name in PREFILL_REGIONS:
+            module = getattr(layer, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.forward = functools.partial(_prefill_region, type(module).forward, module)
 
 
-def vision_layer_runner(hidden_states: torch.Tensor) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
-    """How to run the vision tower's encoder layers on `hidden_states`: `run_vision_layer`, compiled for CUDA tensors
-    at inference (no autograd recording, not already inside `torch.compile`) while `COMPILE_VISION_TOWER` is on.
-
-    Regional compilation (as accelerate's `compile_regions`): one function of (layer, hidden states) is compiled, and
-    since torch.compile lifts a module's parameters to graph inputs, all the layers share one compiled graph; a second
-    frame count (the last, shorter chunk of frames) compiles once more with dynamic shapes, then nothing else does.
-    The first call compiles (docs/benchmarks.md gives the time); if compiling fails, a warning says why and the
-    layers run eagerly from then on."""
-    usable = hidden_states.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    return _compiled_or_eager if COMPILE_VISION_TOWER and usable else run_vision_layer
-
-
-def _compiled_or_eager(layer, hidden_states):
-    global COMPILE_VISION_TOWER
-    try:
-        return _compiled_vision_layer()(layer, hidden_states)
-    except torch._dynamo.exc.TorchDynamoException as error:  # compilation failed: same result, eagerly
-        COMPILE_VISION_TOWER = False
-        warnings.warn(f"Compiling the vision tower's layers failed ({type(error).__name__}: {error}); running them "
-                      "eagerly (storm_transformers.kernels.COMPILE_VISION_TOWER = False).", stacklevel=2)
-        return run_vision_layer(layer, hidden_states)
+def _prefill_region(forward: Callable, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+    if hidden_states.dim() == 3 and hidden_states.shape[1] > 1 and not args and not kwargs:  # (B, L > 1, D): a prompt
+        return region_runner(forward, hidden_states)(module, hidden_states)
+    return forward(module, hidden_states, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- LLM attention: decode steps of grouped-query attention

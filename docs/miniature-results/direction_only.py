@@ -9,7 +9,7 @@ from pathlib import Path
 
 from storm_transformers import kernels
 
-kernels.COMPILE_VISION_TOWER = False
+kernels.COMPILE_REGIONS = False
 from storm_transformers.training import miniature as m
 from storm_transformers.training.synthetic import generate_dataset
 

@@ -293,7 +293,7 @@ def _spawned_process(threads: int) -> None:
     from storm_transformers import kernels
 
     torch.set_num_threads(threads)
-    kernels.COMPILE_VISION_TOWER = False
+    kernels.COMPILE_REGIONS = False
     parent = os.getppid()
 
     def exit_with_parent():  # checks once a second: the orphan is adopted by another process
@@ -638,7 +638,7 @@ def main(argv=None):
     from storm_transformers import kernels
     from storm_transformers.conversion.assets import QWEN2_GGUF
 
-    kernels.COMPILE_VISION_TOWER = False  # a 4-layer tower gains nothing (also set by `_spawned_process`)
+    kernels.COMPILE_REGIONS = False  # a 4-layer tower gains nothing (also set by `_spawned_process`)
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
