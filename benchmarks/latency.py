@@ -15,16 +15,17 @@ Sections (pick with --sections; all GPU sections by default, in this order):
   encoder of that prefill alone under torch.profiler, on each available scan path: GPU time by piece (GEMMs, scan,
   convolution, flips/concatenations/copies and casts, other element-wise ops, LayerNorm) and its share of the TTFT.
 - `vision`: the vision tower on 128 frames (SigLIP-So400m at 448 px up to layer −2, 32 frames per call, as STORM
-  runs it) eager and with its encoder layer compiled (regional compilation, kernels.py), in torch.compile's default
-  mode (STORM's default on CUDA) and in "max-autotune-no-cudagraphs": first call (compilation included), warm time,
-  TFLOP/s and the largest difference from eager.
+  runs it): eager (transformers' SigLIP layers as they are), with the MLPs' GELU in the GEMM's epilogue (STORM's
+  default on CUDA, `kernels.use_gelu_epilogue`), and with each encoder layer compiled (regional compilation,
+  torch.compile's default mode): first call (compilation included), warm time, TFLOP/s and the largest difference
+  from eager.
 - `storm`: the paper's 7B configuration (random weights), bf16, SDPA, batch 1, one video + 32 text tokens, STORM's
-  defaults (compiled vision tower, scan kernels). For each frame count and compression 1× (k=1), 2× (k=1, s=2),
-  4× (k=4), 8× (k=4, s=2): time in the vision tower, in downsample + temporal encoder + pooling, in the LLM prefill,
+  defaults (scan kernels, compiled regions, GELU epilogue). For each frame count and compression 1× (k=1), 2× (k=1,
+  s=2), 4× (k=4), 8× (k=4, s=2): time in the vision tower, in downsample + temporal encoder + pooling, in the LLM prefill,
   time to first token (one full forward with `logits_to_keep=1`) and peak GPU memory. Stage times are CUDA events
   recorded around those calls inside that same forward, so that they add up to the TTFT.
-- `peers`: STORM 4× (k=4), STORM 1× (no compression) and transformers' LLaVA-OneVision-7B (eager, its default;
-  and with its SigLIP layers, and its LLM's norms and MLPs at prefill, compiled as STORM's are) on 128 frames,
+- `peers`: STORM 4× (k=4), STORM 1× (no compression) and transformers' LLaVA-OneVision-7B (eager, its default; and
+  with STORM's speed-ups: GELU epilogue in its SigLIP, its LLM's norms and MLPs compiled at prefill) on 128 frames,
   measured in turn, --rounds times in one run; each ratio is given as the median over the rounds with its min-max
   spread.
 - `decode`: decode speed at batch 1 after a 128-frame k=4 prefill: with transformers' SDPA, the dynamic cache
@@ -54,7 +55,6 @@ seconds (the Triton scan under Triton's interpreter): it tests this script and m
 
 import argparse
 import contextlib
-import functools
 import gc
 import json
 import math
@@ -200,30 +200,15 @@ def available_scan_paths() -> list[str]:
     return paths + ["torch"]
 
 
-@contextlib.contextmanager
-def vision_compilation(options: dict | None):
-    """Run STORM's compiled regions (its vision tower's layers; the LLM's norms and MLPs at prefill) eagerly (None) or
-    compiled with `options` (fresh compile)."""
-    import storm_transformers.modeling_storm as modeling
+def gelu_epilogue(tower, on: bool):
+    """Install (`kernels.use_gelu_epilogue`) or remove the GELU-epilogue MLPs of a SigLIP vision tower."""
     from storm_transformers import kernels
 
-    saved = kernels.COMPILE_REGIONS, dict(kernels.COMPILE_OPTIONS), modeling.region_runner
-    kernels.COMPILE_REGIONS = options is not None
-    kernels.COMPILE_OPTIONS.clear()
-    kernels.COMPILE_OPTIONS.update(options or {})
-    kernels._compiled.cache_clear()
-    torch._dynamo.reset()
-    if SMOKE and options is not None:  # the CPU: compile anyway, with dynamo's eager backend (tests the plumbing)
-        kernels.COMPILE_OPTIONS.update(backend="eager")
-        modeling.region_runner = lambda region, hidden_states: functools.partial(kernels._compiled_or_eager, region)
-    try:
-        yield
-    finally:
-        kernels.COMPILE_REGIONS = saved[0]
-        kernels.COMPILE_OPTIONS.clear()
-        kernels.COMPILE_OPTIONS.update(saved[1])
-        kernels._compiled.cache_clear()
-        modeling.region_runner = saved[2]
+    if on:
+        kernels.use_gelu_epilogue(tower)
+    else:
+        for layer in tower.encoder.layers:
+            layer.mlp.__dict__.pop("forward", None)
 
 
 # ---------------------------------------------------------------- models
@@ -634,7 +619,7 @@ def bench_encoder_profile(repeats) -> list[dict]:
 
 def bench_vision(repeats) -> list[dict]:
     from storm_transformers import StormConfig
-    from storm_transformers.modeling_storm import vision_hidden_state
+    from storm_transformers.modeling_storm import patch_embeddings, vision_hidden_state
 
     config = storm_config()
     vision_config = config.vision_config
@@ -651,18 +636,27 @@ def bench_vision(repeats) -> list[dict]:
     width, inner = vision_config.hidden_size, vision_config.intermediate_size
     flops = frames * patches * layers * (8 * width**2 + 4 * width * inner + 4 * patches * width)
 
-    def run():
+    compiled_layer = torch.compile(lambda layer, hidden: layer(hidden, None), **({"backend": "eager"} if SMOKE else {}))
+
+    def run(compiled=False):
+        def chunk_states(frames_chunk):
+            if not compiled:
+                return vision_hidden_state(tower, frames_chunk, config.vision_feature_layer)
+            hidden = patch_embeddings(tower.embeddings, frames_chunk)
+            for layer in tower.encoder.layers[:layers]:
+                hidden = compiled_layer(layer, hidden)
+            return hidden
+
         with torch.inference_mode():
-            return torch.cat([vision_hidden_state(tower, pixels[start : start + chunk], config.vision_feature_layer)
-                              for start in range(0, frames, chunk)])
+            return torch.cat([chunk_states(pixels[start : start + chunk]) for start in range(0, frames, chunk)])
 
     rows, eager_output = [], None
-    for name, options in [("eager", None), ("compiled, default mode (STORM's default on CUDA)", {}),
-                          ("compiled, max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"})]:
-        with vision_compilation(options):
-            free_memory()
-            first, output = first_call(run)
-            warm, output = timed(run, repeats)
+    for name, epilogue, compiled in [("eager", False, False), ("GELU epilogue (STORM's default on CUDA)", True, False),
+                                     ("each layer compiled, default mode", False, True)]:
+        gelu_epilogue(tower, epilogue)
+        free_memory()
+        first, output = first_call(lambda: run(compiled))
+        warm, output = timed(lambda: run(compiled), repeats)
         row = {"vision tower": name, "frames": frames, "first call (s)": first, "warm (s)": warm,
                "TFLOP/s": flops / warm / 1e12}
         if eager_output is None:
@@ -699,15 +693,9 @@ def bench_peers(rounds, repeats) -> list[dict]:
     frames = 128 if not SMOKE else 8
     storm_inputs = {name: storm_prompt(storm, frames, name) for name in ("4× (k=4)", "1×")}
     llava_inputs = video_prompt(llava, llava_visual_tokens(llava, frames), frames)
-    llava_layers = llava.model.vision_tower.encoder.layers
     from storm_transformers import kernels
 
-    compile_options = dict(kernels.COMPILE_OPTIONS) | ({"backend": "eager"} if SMOKE else {})
-    compiled_calls = []
-    for layer in llava_layers:  # compiled as STORM's: in place, toggled below
-        layer.compile(**compile_options)
-        compiled_calls.append(layer._compiled_call_impl)
-    kernels.use_compiled_prefill_regions(llava.model.language_model)  # its LLM's norms and MLPs too, as STORM's
+    kernels.use_compiled_prefill_regions(llava.model.language_model)  # toggled below
 
     def storm_run(name):
         def run():
@@ -716,11 +704,10 @@ def bench_peers(rounds, repeats) -> list[dict]:
 
         return run
 
-    def llava_run(compiled):
+    def llava_run(as_storm):  # its SigLIP's MLPs and its LLM's prefill run as STORM's, or as transformers runs them
         def run():
-            for layer, call in zip(llava_layers, compiled_calls):
-                layer._compiled_call_impl = call if compiled else None
-            saved, kernels.COMPILE_REGIONS = kernels.COMPILE_REGIONS, compiled
+            gelu_epilogue(llava.model.vision_tower, as_storm)
+            saved, kernels.COMPILE_REGIONS = kernels.COMPILE_REGIONS, as_storm
             try:
                 return prefill(llava, llava_inputs)
             finally:
@@ -729,7 +716,7 @@ def bench_peers(rounds, repeats) -> list[dict]:
         return run
 
     runs = {"STORM 4× (k=4)": storm_run("4× (k=4)"), "STORM 1×": storm_run("1×"),
-            "LLaVA-OV (eager)": llava_run(False), "LLaVA-OV (compiled as STORM)": llava_run(True)}
+            "LLaVA-OV (eager)": llava_run(False), "LLaVA-OV (as STORM)": llava_run(True)}
     first = {name: first_call(run)[0] for name, run in runs.items()}  # compilations happen here
     times = defaultdict(list)
     rows = []
@@ -1017,7 +1004,7 @@ def bench_fp8(repeats) -> list[dict]:
         converted = 0
         if precision == "fp8":
             converted = quantize_linears_fp8(model.model.vision_tower) + quantize_linears_fp8(model.model.language_model)
-            torch._dynamo.reset()  # the vision layer recompiles with the FP8 linears
+            torch._dynamo.reset()  # the LLM's compiled regions recompile with the FP8 linears
         first, _ = first_call(lambda: prefill(model, inputs))
         row = {"precision": precision, "linears in FP8": converted, "first call (s)": first,
                **measure_prefill(model, inputs, watch, storm_stages, repeats)}

@@ -26,7 +26,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_storm import StormConfig
-from .kernels import region_runner, register_attention, run_vision_layer, use_compiled_prefill_regions
+from .kernels import register_attention, use_compiled_prefill_regions, use_gelu_epilogue
 from .temporal_encoder import StormTemporalEncoder
 
 try:  # transformers >= 5.24: the multimodal outputs (with `image_outputs` / `video_outputs`) and the name `cache`
@@ -154,9 +154,8 @@ def vision_hidden_state(vision_tower: nn.Module, pixel_values: torch.Tensor, lay
         )
     layers = vision_tower.encoder.layers
     hidden_states = patch_embeddings(vision_tower.embeddings, pixel_values)  # (F, P, C)
-    run_layer = region_runner(run_vision_layer, hidden_states)  # compiled for CUDA inference (kernels.py)
     for encoder_layer in layers[: layer % (len(layers) + 1)]:
-        hidden_states = run_layer(encoder_layer, hidden_states)  # (F, P, C)
+        hidden_states = encoder_layer(hidden_states, None)  # (F, P, C); SigLIP's vision layers take no mask
     return hidden_states
 
 
@@ -256,6 +255,7 @@ class StormModel(StormPreTrainedModel):
     def __init__(self, config: StormConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
+        use_gelu_epilogue(self.vision_tower)  # its MLPs' GELU in the GEMM on CUDA (kernels.py)
         self.multi_modal_projector = StormMultiModalProjector(config)
         self.temporal_encoder = StormTemporalEncoder(config.temporal_encoder_config)
         self.language_model = AutoModel.from_config(config.text_config)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import storm_transformers.temporal_encoder as temporal_encoder
 from storm_transformers import StormForConditionalGeneration, StormTemporalEncoder, StormTemporalEncoderConfig, kernels
@@ -264,28 +265,9 @@ def _tiny_siglip():
     return SiglipVisionModel(config).eval()
 
 
-def test_compiled_vision_layers_share_one_graph_and_equal_eager(eager_backend_compilation):
-    from torch._dynamo.utils import counters
-
-    from storm_transformers.modeling_storm import vision_hidden_state
-
-    kernels = eager_backend_compilation
-    tower = _tiny_siglip()
-    with torch.no_grad():
-        pixels = torch.randn(3, 3, 32, 32)
-        assert kernels.region_runner(kernels.run_vision_layer, pixels) is kernels.run_vision_layer  # CPU: eager
-        expected = vision_hidden_state(tower, pixels, -2)
-        counters.clear()
-        hidden = tower.embeddings(pixels)
-        for layer in tower.encoder.layers[:3]:
-            hidden = kernels._compiled_or_eager(kernels.run_vision_layer, layer, hidden)
-    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
-    assert counters["stats"]["unique_graphs"] == 1  # one compilation for the three layers
-    with torch.enable_grad():
-        assert kernels.region_runner(kernels.run_vision_layer, pixels) is kernels.run_vision_layer  # autograd: eager
-
-
 def test_failed_compilation_falls_back_to_eager(eager_backend_compilation, monkeypatch):
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
     kernels = eager_backend_compilation
 
     def failing_backend(graph_module, example_inputs):
@@ -293,13 +275,43 @@ def test_failed_compilation_falls_back_to_eager(eager_backend_compilation, monke
 
     monkeypatch.setattr(kernels, "COMPILE_OPTIONS", {"backend": failing_backend})
     monkeypatch.setattr(kernels, "COMPILE_REGIONS", True)
-    tower = _tiny_siglip()
+    norm, hidden = Qwen2RMSNorm(8), torch.randn(2, 5, 8)
     with torch.no_grad():
-        hidden = tower.embeddings(torch.randn(2, 3, 32, 32))
-        with pytest.warns(UserWarning, match="(?s)run_vision_layer failed.*eagerly"):
-            out = kernels._compiled_or_eager(kernels.run_vision_layer, tower.encoder.layers[0], hidden)
-        torch.testing.assert_close(out, kernels.run_vision_layer(tower.encoder.layers[0], hidden))
+        with pytest.warns(UserWarning, match="(?s)Qwen2RMSNorm.forward failed.*eagerly"):
+            out = kernels._compiled_or_eager(Qwen2RMSNorm.forward, norm, hidden)
+        torch.testing.assert_close(out, norm(hidden))
     assert kernels.COMPILE_REGIONS is False
+
+
+def test_gelu_epilogue_is_installed_and_leaves_the_cpu_and_training_to_the_mlp(monkeypatch):
+    """STORM's SigLIP MLPs take the GELU epilogue path only for CUDA inference: on the CPU (where
+    `_addmm_activation` computes the exact GELU, not SigLIP's tanh one) and with autograd they run their own forward."""
+    torch.manual_seed(0)
+    model = StormForConditionalGeneration(tiny_config()).eval()
+    mlp = model.model.vision_tower.encoder.layers[0].mlp
+    assert isinstance(mlp.forward, functools.partial)
+    hidden = torch.randn(3, 16, 32)
+    expected = type(mlp).forward(mlp, hidden)
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *args, **kwargs: pytest.fail("fused on the CPU"))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(hidden), expected, rtol=0, atol=0)
+    torch.testing.assert_close(mlp(hidden), expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_epilogue_equals_siglips_tanh_gelu_mlp_on_cuda(dtype):
+    tower = _tiny_siglip().to("cuda", dtype)
+    kernels.use_gelu_epilogue(tower)
+    mlp = tower.encoder.layers[0].mlp
+    hidden = torch.randn(3, 16, 32, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        fused, expected = mlp(hidden), type(mlp).forward(mlp, hidden)
+        exact_gelu = mlp.fc2(F.gelu(mlp.fc1(hidden)))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused, expected, rtol=tolerance, atol=tolerance)
+    if dtype == torch.float32:  # the tanh approximation, not the exact GELU
+        assert (fused - exact_gelu).abs().max() > 10 * (fused - expected).abs().max()
 
 
 def test_llm_norms_and_mlps_run_compiled_at_prefill_only(eager_backend_compilation, monkeypatch):
@@ -332,7 +344,8 @@ def test_llm_norms_and_mlps_run_compiled_at_prefill_only(eager_backend_compilati
 
 
 @pytest.mark.skipif(
-    not kernels.has_fp8_matmul(torch.device("cpu")), reason="this torch has no torch._scaled_mm on the CPU (2.6)"
+    not kernels.has_fp8_matmul(torch.device("cpu")),
+    reason="this torch has no row-scaled torch._scaled_mm on the CPU (2.6, 2.11)",
 )
 def test_fp8_linears_are_close_to_the_bf16_ones():
     from storm_transformers.kernels import Fp8Linear, quantize_linears_fp8

@@ -11,8 +11,8 @@
 Which one runs is decided in one place, `StormMambaMixer._scan`: mamba_ssm when it imports, else Triton, for CUDA
 tensors when `temporal_encoder_config.use_mamba_kernels` is on; the torch spec otherwise.
 
-Also here: regional compilation for CUDA inference (`region_runner`, on by default: the vision tower's layers, and the
-LLM's norms and MLPs at prefill), the LLM's attention for decode steps (`gqa_decode_attention`, registered with transformers'
+Also here: regional compilation for CUDA inference (`region_runner`, on by default: the LLM's norms and MLPs at
+prefill), the vision tower's MLP with its GELU in the GEMM's epilogue (`use_gelu_epilogue`), the LLM's attention for decode steps (`gqa_decode_attention`, registered with transformers'
 `AttentionInterface` as `GQA_DECODE_ATTENTION`; `load_storm`'s default) and an opt-in FP8 conversion of linears for
 inference on Hopper GPUs (`quantize_linears_fp8`).
 """
@@ -134,7 +134,7 @@ def selective_scan_with_state(
 
 # The regions below (`region_runner`) run compiled for CUDA inference while this is True; False runs them eagerly.
 COMPILE_REGIONS = True
-# Options of their `torch.compile` (its default mode: inductor, no autotuning; docs/benchmarks.md compares modes).
+# Options of their `torch.compile` (its default mode: inductor, no autotuning).
 COMPILE_OPTIONS: dict = {}
 # The LLM's modules that run compiled at prefill (`use_compiled_prefill_regions`): in each decoder layer of a
 # transformers Llama-family model (Qwen2 included), the two RMSNorms and the MLP, where eager PyTorch launches one
@@ -148,11 +148,10 @@ def region_runner(region: Callable, hidden_states: torch.Tensor) -> Callable:
     on, else `region` itself.
 
     Regional compilation (as accelerate's `compile_regions`): one `torch.compile` per region function, and since
-    torch.compile lifts a module's parameters to graph inputs, every module it runs (the 26 SigLIP layers, the 57
-    RMSNorms of Qwen2-7B) shares one compiled graph; a second input shape (another prompt length, the last, shorter
-    chunk of frames) compiles once more with dynamic shapes, then nothing else does. The first call compiles
-    (docs/benchmarks.md gives the time); if compiling fails, a warning says why and every region runs eagerly from
-    then on."""
+    torch.compile lifts a module's parameters to graph inputs, every module it runs (the 57 RMSNorms of Qwen2-7B)
+    shares one compiled graph; a second input shape (another prompt length) compiles once more with dynamic shapes,
+    then nothing else does. The first call compiles (docs/benchmarks.md gives the time); if compiling fails, a
+    warning says why and every region runs eagerly from then on."""
     usable = hidden_states.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     return functools.partial(_compiled_or_eager, region) if COMPILE_REGIONS and usable else region
 
@@ -174,11 +173,6 @@ def _compiled_or_eager(region, *args, **kwargs):
         return region(*args, **kwargs)
 
 
-def run_vision_layer(layer: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """One SigLIP encoder layer, `(frames, patches, width)` → same shape (SigLIP's vision layers take no mask)."""
-    return layer(hidden_states, None)
-
-
 def use_compiled_prefill_regions(language_model: torch.nn.Module) -> None:
     """Make the `PREFILL_REGIONS` modules of `language_model`'s decoder layers run compiled at prefill: each module's
     `forward` becomes its class's `forward` through `region_runner` when its input holds more than one token per
@@ -196,6 +190,32 @@ def _prefill_region(forward: Callable, module: torch.nn.Module, hidden_states: t
     if hidden_states.dim() == 3 and hidden_states.shape[1] > 1 and not args and not kwargs:  # (B, L > 1, D): a prompt
         return region_runner(forward, hidden_states)(module, hidden_states)
     return forward(module, hidden_states, *args, **kwargs)
+
+
+# ---------------------------------------------------------------- vision tower: the MLP's GELU in the GEMM's epilogue
+
+
+def use_gelu_epilogue(vision_tower: torch.nn.Module) -> None:
+    """Make the MLPs of a SigLIP vision tower compute `gelu_tanh(fc1(x))` in one cuBLASLt GEMM with a bias+GELU
+    epilogue (`torch._addmm_activation`) at CUDA inference, instead of a GEMM and a separate pass over its
+    `(tokens, 4304)` output. Only for `hidden_act="gelu_pytorch_tanh"` (SigLIP's), the tanh approximation that the
+    epilogue computes on CUDA (on the CPU `_addmm_activation` computes the exact GELU, so the CPU keeps the eager
+    MLP); `fc1` a plain `nn.Linear` with a bias (not an FP8 or LoRA layer); no autograd recording. Anything else
+    runs the MLP's own `forward`. A tower without these MLPs is left as it is."""
+    for layer in getattr(getattr(vision_tower, "encoder", None), "layers", ()):
+        mlp = getattr(layer, "mlp", None)
+        if getattr(getattr(mlp, "config", None), "hidden_act", None) == "gelu_pytorch_tanh":
+            mlp.forward = functools.partial(_gelu_epilogue_mlp, type(mlp).forward, mlp)
+
+
+def _gelu_epilogue_mlp(forward: Callable, mlp: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    fc1 = mlp.fc1
+    fused = type(fc1) is torch.nn.Linear and fc1.bias is not None and hidden_states.is_cuda
+    if not fused or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return forward(mlp, hidden_states)
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # (tokens, C)
+    activations = torch._addmm_activation(fc1.bias, rows, fc1.weight.t(), use_gelu=True)  # (tokens, inner)
+    return mlp.fc2(activations).view(*hidden_states.shape[:-1], -1)  # (..., C)
 
 
 # ---------------------------------------------------------------- LLM attention: decode steps of grouped-query attention
@@ -321,12 +341,13 @@ def _compiled_quantize_rows():
 
 @functools.cache
 def has_fp8_matmul(device: torch.device) -> bool:
-    """Whether `torch._scaled_mm` runs on `device` (a 16×16 product): every CUDA build on compute capability ≥ 8.9;
-    on the CPU only in newer torch releases (2.6 has none)."""
+    """Whether `torch._scaled_mm` runs on `device` with one scale per row and per column, as `Fp8Linear` calls it (a
+    16×16 product): every CUDA build on compute capability ≥ 8.9; on the CPU only in newer torch releases (2.6 has
+    none; 2.11's CPU backend takes only one scale per tensor)."""
     one = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
-    scale = torch.ones((), device=device)
     try:
-        torch._scaled_mm(one, one.t(), scale_a=scale, scale_b=scale, out_dtype=torch.float32)
+        torch._scaled_mm(one, one.t(), scale_a=torch.ones(16, 1, device=device),
+                         scale_b=torch.ones(1, 16, device=device), out_dtype=torch.float32)
     except (NotImplementedError, RuntimeError):
         return False
     return True
