@@ -40,7 +40,7 @@ Sections (pick with --sections; all GPU sections by default, in this order):
 - `decode-kernels`: where the GPU time of a decode step with `storm generate`'s defaults goes: the GPU kernels of one
   token (torch.profiler), compiled with and without CUDA graphs; the same step for the LLM alone, with flex
   attention, and compiled in mode "max-autotune".
-- `fp8`: the 128-frame k=4 prefill in bf16 and with the vision tower's and the LLM's linears in FP8
+- `fp8`: the 128-frame k=4 prefill in bf16, with the LLM's linears in FP8, then with the vision tower's too
   (`kernels.quantize_linears_fp8`): TTFT, stages, and the relative difference of the video features and the logits.
 - `llava`: LLaVA-OneVision-7B (SigLIP-So400m/14 at 384 px, 196 tokens per frame after its 2×2 bilinear pooling,
   Qwen2-7B) alone at 32, 64 and 128 frames: the same measurements as `storm`.
@@ -1000,10 +1000,11 @@ def bench_fp8(repeats) -> list[dict]:
     inputs = storm_prompt(model, frames, "4× (k=4)")
     watch = storm_stopwatch(model)
     rows, reference = [], None
-    for precision in ("bf16", "fp8"):
-        converted = 0
-        if precision == "fp8":
-            converted = quantize_linears_fp8(model.model.vision_tower) + quantize_linears_fp8(model.model.language_model)
+    converted = 0
+    for precision, module in (("bf16", None), ("FP8: the LLM's linears", model.model.language_model),
+                              ("FP8: the LLM's and the vision tower's linears", model.model.vision_tower)):
+        if module is not None:
+            converted += quantize_linears_fp8(module)
             torch._dynamo.reset()  # the LLM's compiled regions recompile with the FP8 linears
         first, _ = first_call(lambda: prefill(model, inputs))
         row = {"precision": precision, "linears in FP8": converted, "first call (s)": first,
