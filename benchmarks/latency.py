@@ -28,6 +28,9 @@ Sections (pick with --sections; all GPU sections by default, in this order):
   with STORM's speed-ups: GELU epilogue in its SigLIP, its LLM's norms and MLPs compiled at prefill) on 128 frames,
   measured in turn, --rounds times in one run; each ratio is given as the median over the rounds with its min-max
   spread.
+- `speed-ups`: the 128-frame k=4 prefill with STORM's prefill speed-ups switched off one at a time, then all three
+  (the LLM's norms and MLPs compiled at prefill, the GELU epilogue, the patch convolution as one product): first call
+  (compilation included), TTFT and its stages.
 - `decode`: decode speed at batch 1 after a 128-frame k=4 prefill: with transformers' SDPA, the dynamic cache
   (transformers' default), the static cache (`cache_implementation="static"`; transformers then compiles the decode
   step with CUDA graphs) and the static cache for the LLM alone (Qwen2ForCausalLM holding STORM's LLM, a text prompt
@@ -992,6 +995,37 @@ def decode_kernels(model, inputs, new_tokens: int, top: int = 30, **generate_kwa
                          "µs per call": us / calls if calls else None} for key, (calls, us) in ranked[:top]]}
 
 
+def bench_speedups(repeats) -> list[dict]:
+    """The 128-frame k=4 prefill with STORM's prefill speed-ups switched off one at a time, then all three: the
+    LLM's norms and MLPs compiled at prefill (`kernels.COMPILE_REGIONS`), the GELU epilogue of the vision tower's MLPs
+    (`kernels.use_gelu_epilogue`), SigLIP's patch convolution as one product (`modeling_storm.patch_embeddings`)."""
+    import storm_transformers.modeling_storm as modeling
+    from storm_transformers import kernels
+
+    model = storm_7b()
+    inputs = storm_prompt(model, 128 if not SMOKE else 8, "4× (k=4)")
+    watch = storm_stopwatch(model)
+    product = modeling.patch_embeddings
+    convolution = lambda embeddings, pixel_values: embeddings(pixel_values)  # noqa: E731  (SigLIP's own)
+    rows = []
+    for name, regions, epilogue, patches in [
+        ("STORM's defaults", True, True, product), ("without the LLM's compiled regions", False, True, product),
+        ("without the GELU epilogue", True, False, product), ("with SigLIP's patch convolution", True, True, convolution),
+        ("none of the three", False, False, convolution),
+    ]:
+        kernels.COMPILE_REGIONS, modeling.patch_embeddings = regions, patches
+        gelu_epilogue(model.model.vision_tower, epilogue)
+        first, _ = first_call(lambda: prefill(model, inputs))
+        rows.append({"prefill": name, "first call (s)": first,
+                     **measure_prefill(model, inputs, watch, storm_stages, repeats)})
+        print(rows[-1], flush=True)
+    kernels.COMPILE_REGIONS, modeling.patch_embeddings = True, product
+    watch.remove()
+    model = None  # (not `del`: a closure above names it)
+    free_memory()
+    return rows
+
+
 def bench_fp8(repeats) -> list[dict]:
     from storm_transformers.kernels import quantize_linears_fp8
 
@@ -1156,8 +1190,8 @@ def environment() -> dict:
     return info
 
 
-SECTIONS = ["scan", "encoder", "encoder-profile", "vision", "storm", "peers", "decode", "decode-kernels", "fp8", "llava",
-            "profile", "cpu"]
+SECTIONS = ["scan", "encoder", "encoder-profile", "vision", "storm", "peers", "speed-ups", "decode", "decode-kernels",
+            "fp8", "llava", "profile", "cpu"]
 
 
 def main():
@@ -1191,6 +1225,7 @@ def main():
         "peers": lambda: bench_peers(args.rounds, args.repeats),
         "decode": lambda: bench_decode(args.repeats),
         "decode-kernels": lambda: bench_decode_kernels(args.repeats),
+        "speed-ups": lambda: bench_speedups(args.repeats),
         "fp8": lambda: bench_fp8(args.repeats),
         "llava": lambda: bench_llava(args.llava_frames, args.repeats),
         "profile": bench_profile,
