@@ -638,7 +638,7 @@ def main(argv=None):
     from storm_transformers import kernels
     from storm_transformers.conversion.assets import QWEN2_GGUF
 
-    kernels.COMPILE_REGIONS = False  # a 4-layer tower gains nothing (also set by `_spawned_process`)
+    kernels.COMPILE_REGIONS = False  # models this small gain nothing from compiling (also set by `_spawned_process`)
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
