@@ -21,9 +21,9 @@ Sections (pick with --sections; all GPU sections by default, in this order):
   from eager.
 - `storm`: the paper's 7B configuration (random weights), bf16, SDPA, batch 1, one video + 32 text tokens, STORM's
   defaults (scan kernels, compiled regions, GELU epilogue). For each frame count and compression 1× (k=1), 2× (k=1,
-  s=2), 4× (k=4), 8× (k=4, s=2): time in the vision tower, in downsample + temporal encoder + pooling, in the LLM prefill,
-  time to first token (one full forward with `logits_to_keep=1`) and peak GPU memory. Stage times are CUDA events
-  recorded around those calls inside that same forward, so that they add up to the TTFT.
+  s=2), 4× (k=4), 8× (k=4, s=2): time in the vision tower, in downsample + temporal encoder + pooling, in the LLM
+  prefill, time to first token (one full forward with `logits_to_keep=1`) and peak GPU memory. Stage times are CUDA
+  events recorded around those calls inside that same forward, so that they add up to the TTFT.
 - `peers`: STORM 4× (k=4), STORM 1× (no compression) and transformers' LLaVA-OneVision-7B (eager, its default; and
   with STORM's speed-ups: GELU epilogue in its SigLIP, its LLM's norms and MLPs compiled at prefill) on 128 frames,
   measured in turn, --rounds times in one run; each ratio is given as the median over the rounds with its min-max
@@ -639,7 +639,8 @@ def bench_vision(repeats) -> list[dict]:
     width, inner = vision_config.hidden_size, vision_config.intermediate_size
     flops = frames * patches * layers * (8 * width**2 + 4 * width * inner + 4 * patches * width)
 
-    compiled_layer = torch.compile(lambda layer, hidden: layer(hidden, None), **({"backend": "eager"} if SMOKE else {}))
+    options = {"backend": "eager"} if SMOKE else {}
+    compiled_layer = torch.compile(lambda layer, hidden: layer(hidden, None), **options)
 
     def run(compiled=False):
         def chunk_states(frames_chunk):
@@ -1009,8 +1010,10 @@ def bench_speedups(repeats) -> list[dict]:
     convolution = lambda embeddings, pixel_values: embeddings(pixel_values)  # noqa: E731  (SigLIP's own)
     rows = []
     for name, regions, epilogue, patches in [
-        ("STORM's defaults", True, True, product), ("without the LLM's compiled regions", False, True, product),
-        ("without the GELU epilogue", True, False, product), ("with SigLIP's patch convolution", True, True, convolution),
+        ("STORM's defaults", True, True, product),
+        ("without the LLM's compiled regions", False, True, product),
+        ("without the GELU epilogue", True, False, product),
+        ("with SigLIP's patch convolution", True, True, convolution),
         ("none of the three", False, False, convolution),
     ]:
         kernels.COMPILE_REGIONS, modeling.patch_embeddings = regions, patches

@@ -163,12 +163,13 @@ def patch_embeddings(embeddings: nn.Module, pixel_values: torch.Tensor) -> torch
     """SigLIP's `embeddings(pixel_values)` (`SiglipVisionEmbeddings`: a patch convolution with stride = kernel and no
     padding, plus position embeddings), with the convolution computed as one matrix product over every patch of every
     frame: `(F, 3, H, W)` → `(F, P, C)`. The same result to rounding; on an H200, cuDNN ran that convolution as a
-    generic implicit GEMM, 2.5 ms per 32 frames at 448 px against 0.5 ms for the product (docs/benchmarks.md)."""
+    generic implicit GEMM: 2.5 ms per 32 frames at 448 px alone against 0.5 ms for the product, and 105 ms more for
+    128 frames inside a prefill (docs/benchmarks.md, "Prefill speed-ups")."""
     conv = embeddings.patch_embedding
     (patch_h, patch_w), (frames, channels, height, width) = conv.kernel_size, pixel_values.shape
     rows, cols = height // patch_h, width // patch_w
     pixels = pixel_values[..., : rows * patch_h, : cols * patch_w].to(conv.weight.dtype)  # what "valid" padding reads
-    patches = pixels.reshape(frames, channels, rows, patch_h, cols, patch_w).permute(0, 2, 4, 1, 3, 5)  # (F, r, c, 3, p, p)
+    patches = pixels.reshape(frames, channels, rows, patch_h, cols, patch_w).permute(0, 2, 4, 1, 3, 5)  # (F,r,c,3,p,p)
     patches = patches.reshape(frames * rows * cols, channels * patch_h * patch_w)  # (F·P, 3·p·p)
     hidden_states = F.linear(patches, conv.weight.flatten(1), conv.bias).view(frames, rows * cols, -1)  # (F, P, C)
     return hidden_states + embeddings.position_embedding(embeddings.position_ids)
@@ -259,7 +260,7 @@ class StormModel(StormPreTrainedModel):
         self.multi_modal_projector = StormMultiModalProjector(config)
         self.temporal_encoder = StormTemporalEncoder(config.temporal_encoder_config)
         self.language_model = AutoModel.from_config(config.text_config)
-        use_compiled_prefill_regions(self.language_model)  # its norms and MLPs compiled at prefill on CUDA (kernels.py)
+        use_compiled_prefill_regions(self.language_model)  # norms and MLPs compiled at prefill on CUDA (kernels.py)
         self.post_init()
 
     def get_input_embeddings(self):

@@ -197,7 +197,9 @@ class StormMambaMixer(nn.Module):
         return y, new_states
 
 
-def _channels_first_linear(linear: nn.Module, hidden_states: torch.Tensor, features: int | None = None) -> torch.Tensor:
+def _channels_first_linear(
+    linear: nn.Module, hidden_states: torch.Tensor, features: int | None = None
+) -> torch.Tensor:
     """`linear(hidden_states)` laid out channels first, `(B, c, D)` → `(B, features, c)` contiguous (the first
     `features` outputs, all when None), as the convolution and the scan read it. For a plain `nn.Linear` the product
     is computed in that layout (W·hᵀ), so that no transposed copy of the 2E-wide output is made; any other module (a

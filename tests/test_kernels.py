@@ -284,8 +284,8 @@ def test_failed_compilation_falls_back_to_eager(eager_backend_compilation, monke
 
 
 def test_gelu_epilogue_is_installed_and_leaves_the_cpu_and_training_to_the_mlp(monkeypatch):
-    """STORM's SigLIP MLPs take the GELU epilogue path only for CUDA inference: on the CPU (where
-    `_addmm_activation` computes the exact GELU, not SigLIP's tanh one) and with autograd they run their own forward."""
+    """STORM's SigLIP MLPs take the GELU epilogue path only for CUDA inference: on the CPU (where `_addmm_activation`
+    computes the exact GELU, not SigLIP's tanh one) and with autograd they run their own forward."""
     torch.manual_seed(0)
     model = StormForConditionalGeneration(tiny_config()).eval()
     mlp = model.model.vision_tower.encoder.layers[0].mlp
@@ -329,8 +329,9 @@ def test_llm_norms_and_mlps_run_compiled_at_prefill_only(eager_backend_compilati
     with torch.no_grad():
         expected = model(**inputs).logits
         seen = []
-        monkeypatch.setattr(kernels, "region_runner",
-                            lambda region, hidden: seen.append(hidden.shape) or functools.partial(kernels._compiled_or_eager, region))
+        compiled = functools.partial(functools.partial, kernels._compiled_or_eager)  # compiled(region): as on a GPU
+        runner = lambda region, hidden: seen.append(hidden.shape) or compiled(region)  # noqa: E731
+        monkeypatch.setattr(kernels, "region_runner", runner)
         counters.clear()
         out = model(**inputs, use_cache=True)
         assert len(seen) == 3 * len(text.layers) and all(shape[1] == 7 for shape in seen)

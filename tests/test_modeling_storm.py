@@ -252,7 +252,7 @@ def test_vision_tower_stops_at_the_feature_layer(layer, size):
     features = vision_hidden_state(tower, pixels, layer)
     for hook in hooks:
         hook.remove()
-    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)  # the product rounds as the convolution does not
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)  # float32 rounding: a product, not a conv
     assert calls == list(range(layer % 3))
 
 

@@ -12,7 +12,8 @@ Which one runs is decided in one place, `StormMambaMixer._scan`: mamba_ssm when 
 tensors when `temporal_encoder_config.use_mamba_kernels` is on; the torch spec otherwise.
 
 Also here: regional compilation for CUDA inference (`region_runner`, on by default: the LLM's norms and MLPs at
-prefill), the vision tower's MLP with its GELU in the GEMM's epilogue (`use_gelu_epilogue`), the LLM's attention for decode steps (`gqa_decode_attention`, registered with transformers'
+prefill), the vision tower's MLP with its GELU in the GEMM's epilogue (`use_gelu_epilogue`), the LLM's attention for
+decode steps (`gqa_decode_attention`, registered with transformers'
 `AttentionInterface` as `GQA_DECODE_ATTENTION`; `load_storm`'s default) and an opt-in FP8 conversion of linears for
 inference on Hopper GPUs (`quantize_linears_fp8`).
 """
