@@ -17,7 +17,7 @@ import storm_transformers.temporal_encoder as temporal_encoder
 from storm_transformers import StormForConditionalGeneration, StormTemporalEncoder, StormTemporalEncoderConfig, kernels
 from storm_transformers.kernels import MambaKernels, mamba_kernels, selective_scan_with_state, triton_selective_scan
 from storm_transformers.selective_scan import selective_scan
-from storm_testing import tiny_config
+from storm_testing import VIDEO_TOKEN_ID, tiny_config
 
 
 def test_kernels_are_not_imported_with_the_package():
@@ -296,6 +296,33 @@ def test_gelu_epilogue_is_installed_and_leaves_the_cpu_and_training_to_the_mlp(m
     with torch.no_grad():
         torch.testing.assert_close(mlp(hidden), expected, rtol=0, atol=0)
     torch.testing.assert_close(mlp(hidden), expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_static_cache_generation_with_compiled_prefill_regions_on_cuda():
+    """transformers compiles the decode step of a static-cache `generate` whole: the compiled prefill regions and the
+    GELU epilogue cause no graph break there, and the greedy tokens equal those with every region eager."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = StormForConditionalGeneration(tiny_config()).to("cuda", torch.bfloat16).eval()
+    frames = 8
+    ids = torch.tensor([[5, 6, 7] + [VIDEO_TOKEN_ID] * model.config.num_video_tokens(frames) + [8, 9]], device="cuda")
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values_videos": torch.randn(1, frames, 3, 32, 32, device="cuda", dtype=torch.bfloat16)}
+
+    def greedy(**kwargs):
+        with torch.inference_mode():
+            return model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False, **kwargs)
+
+    counters.clear()
+    static = greedy(cache_implementation="static")
+    assert not counters["graph_break"]
+    kernels.COMPILE_REGIONS = False
+    try:
+        torch.testing.assert_close(greedy(), static, rtol=0, atol=0)
+    finally:
+        kernels.COMPILE_REGIONS = True
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
