@@ -153,8 +153,13 @@ def region_runner(region: Callable, hidden_states: torch.Tensor) -> Callable:
     shares one compiled graph; a second input shape (another prompt length) compiles once more with dynamic shapes,
     then nothing else does. The first call compiles (docs/benchmarks.md gives the time); if compiling fails, a
     warning says why and every region runs eagerly from then on."""
-    usable = hidden_states.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    return functools.partial(_compiled_or_eager, region) if COMPILE_REGIONS and usable else region
+    usable = COMPILE_REGIONS and _cuda_inference(hidden_states)
+    return functools.partial(_compiled_or_eager, region) if usable else region
+
+
+def _cuda_inference(hidden_states: torch.Tensor) -> bool:
+    """A CUDA tensor, no autograd recording, not inside `torch.compile`: where the fast paths below apply."""
+    return hidden_states.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 @functools.cache
@@ -211,8 +216,7 @@ def use_gelu_epilogue(vision_tower: torch.nn.Module) -> None:
 
 def _gelu_epilogue_mlp(forward: Callable, mlp: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     fc1 = mlp.fc1
-    fused = type(fc1) is torch.nn.Linear and fc1.bias is not None and hidden_states.is_cuda
-    if not fused or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not (type(fc1) is torch.nn.Linear and fc1.bias is not None and _cuda_inference(hidden_states)):
         return forward(mlp, hidden_states)
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # (tokens, C)
     activations = torch._addmm_activation(fc1.bias, rows, fc1.weight.t(), use_gelu=True)  # (tokens, inner)
