@@ -203,10 +203,14 @@ def _channels_first_linear(
     """`linear(hidden_states)` laid out channels first, `(B, c, D)` → `(B, features, c)` contiguous (the first
     `features` outputs, all when None), as the convolution and the scan read it. For a plain `nn.Linear` the product
     is computed in that layout (W·hᵀ), so that no transposed copy of the 2E-wide output is made; any other module (a
-    PEFT LoRA layer, a hook) is called as it is and its output transposed."""
+    PEFT LoRA layer, a hook) is called as it is and its output transposed.
+
+    W·hᵀ is a batched product with W broadcast (`bmm`), not `torch.matmul(W, h.mT)`: matmul computes a 2-D by 3-D
+    product as h·Wᵀ and returns its transpose made contiguous, i.e. the copy this avoids (on an H200, 128 frames:
+    7.3 ms for `in_proj` against 4.9 ms, docs/benchmarks.md)."""
     if type(linear) is nn.Linear and linear.bias is None:
         weight = linear.weight if features is None else linear.weight[:features]
-        return torch.matmul(weight, hidden_states.mT)  # (B, features, c)
+        return torch.bmm(weight.expand(hidden_states.shape[0], -1, -1), hidden_states.mT)  # (B, features, c)
     out = linear(hidden_states)  # (B, c, out_features)
     return (out if features is None else out[..., :features]).transpose(1, 2).contiguous()
 
