@@ -23,7 +23,8 @@ from storm_testing import VIDEO_TOKEN_ID, tiny_config
 def test_kernels_are_not_imported_with_the_package():
     code = (
         "import sys, storm_transformers; "
-        "print(sorted({'mamba_ssm', 'causal_conv1d', 'storm_transformers.selective_scan_triton'} & set(sys.modules)))"
+        "print(sorted({'mamba_ssm', 'causal_conv1d', 'storm_transformers.selective_scan_triton',"
+        "'storm_transformers.layer_norm_triton'} & set(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -296,6 +297,34 @@ def test_gelu_epilogue_is_installed_and_leaves_the_cpu_and_training_to_the_mlp(m
     with torch.no_grad():
         torch.testing.assert_close(mlp(hidden), expected, rtol=0, atol=0)
     torch.testing.assert_close(mlp(hidden), expected, rtol=0, atol=0)
+
+
+def test_triton_layer_norm_is_installed_and_leaves_the_cpu_and_training_to_layer_norm(monkeypatch):
+    """Every LayerNorm of STORM's vision tower takes the Triton path only for CUDA inference; on the CPU and with
+    autograd it is `nn.LayerNorm.forward` itself."""
+    torch.manual_seed(0)
+    model = StormForConditionalGeneration(tiny_config()).eval()
+    norms = [module for module in model.model.vision_tower.modules() if type(module) is torch.nn.LayerNorm]
+    assert norms and all(isinstance(norm.forward, functools.partial) for norm in norms)
+    norm, hidden = norms[0], torch.randn(3, 16, 32)
+    expected = torch.nn.LayerNorm.forward(norm, hidden)
+    monkeypatch.setattr(kernels, "triton_layer_norm", lambda: pytest.fail("Triton LayerNorm on the CPU"))
+    with torch.no_grad():
+        torch.testing.assert_close(norm(hidden), expected, rtol=0, atol=0)
+    torch.testing.assert_close(norm(hidden), expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_layer_norm_equals_layer_norm_in_a_vision_tower_on_cuda(dtype):
+    tower = _tiny_siglip().to("cuda", dtype)
+    pixels = torch.randn(3, 3, 32, 32, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        expected = tower(pixel_values=pixels).last_hidden_state
+        kernels.use_triton_layer_norm(tower)
+        out = tower(pixel_values=pixels).last_hidden_state
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -41,7 +41,7 @@ from storm_transformers.training.sft import main as sft
 PACKAGE = Path(storm_transformers.__file__).parent
 MODEL_CODE = {
     "configuration_storm.py", "modeling_storm.py", "temporal_encoder.py", "selective_scan.py", "kernels.py",
-    "selective_scan_triton.py",
+    "selective_scan_triton.py", "layer_norm_triton.py",
 }
 PROCESSOR_CODE = {"configuration_storm.py", "processing_storm.py", "video_processing_storm.py"}
 # What remote code may import outside `try:` besides the standard library: transformers and what it brings.

@@ -26,7 +26,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_storm import StormConfig
-from .kernels import register_attention, use_compiled_prefill_regions, use_gelu_epilogue
+from .kernels import register_attention, use_compiled_prefill_regions, use_gelu_epilogue, use_triton_layer_norm
 from .temporal_encoder import StormTemporalEncoder
 
 try:  # transformers >= 5.24: the multimodal outputs (with `image_outputs` / `video_outputs`) and the name `cache`
@@ -257,6 +257,7 @@ class StormModel(StormPreTrainedModel):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         use_gelu_epilogue(self.vision_tower)  # its MLPs' GELU in the GEMM on CUDA (kernels.py)
+        use_triton_layer_norm(self.vision_tower)  # its LayerNorms by a Triton kernel on CUDA (kernels.py)
         self.multi_modal_projector = StormMultiModalProjector(config)
         self.temporal_encoder = StormTemporalEncoder(config.temporal_encoder_config)
         self.language_model = AutoModel.from_config(config.text_config)
