@@ -15,22 +15,22 @@ Sections (pick with --sections; all GPU sections by default, in this order):
   encoder of that prefill alone under torch.profiler, on each available scan path: GPU time by piece (GEMMs, scan,
   convolution, flips/concatenations/copies and casts, other element-wise ops, LayerNorm) and its share of the TTFT.
 - `vision`: the vision tower on 128 frames (SigLIP-So400m at 448 px up to layer −2, 32 frames per call, as STORM
-  runs it): eager (transformers' SigLIP layers as they are), with the MLPs' GELU in the GEMM's epilogue (STORM's
-  default on CUDA, `kernels.use_gelu_epilogue`), and with each encoder layer compiled (regional compilation,
-  torch.compile's default mode): first call (compilation included), warm time, TFLOP/s and the largest difference
-  from eager.
+  runs it): eager (transformers' SigLIP layers as they are), with STORM's defaults on CUDA (the MLPs' GELU in the
+  GEMM's epilogue, `kernels.use_gelu_epilogue`; the LayerNorms by Triton, `kernels.use_triton_layer_norm`), and with
+  each encoder layer compiled (regional compilation, torch.compile's default mode): first call (compilation
+  included), warm time, TFLOP/s and the largest difference from eager.
 - `storm`: the paper's 7B configuration (random weights), bf16, SDPA, batch 1, one video + 32 text tokens, STORM's
-  defaults (scan kernels, compiled regions, GELU epilogue). For each frame count and compression 1× (k=1), 2× (k=1,
-  s=2), 4× (k=4), 8× (k=4, s=2): time in the vision tower, in downsample + temporal encoder + pooling, in the LLM
-  prefill, time to first token (one full forward with `logits_to_keep=1`) and peak GPU memory. Stage times are CUDA
-  events recorded around those calls inside that same forward, so that they add up to the TTFT.
+  defaults (scan kernels, compiled regions, GELU epilogue, Triton LayerNorm). For each frame count and compression 1×
+  (k=1), 2× (k=1, s=2), 4× (k=4), 8× (k=4, s=2): time in the vision tower, in downsample + temporal encoder + pooling,
+  in the LLM prefill, time to first token (one full forward with `logits_to_keep=1`) and peak GPU memory. Stage times
+  are CUDA events recorded around those calls inside that same forward, so that they add up to the TTFT.
 - `peers`: STORM 4× (k=4), STORM 1× (no compression) and transformers' LLaVA-OneVision-7B (eager, its default; and
-  with STORM's speed-ups: GELU epilogue in its SigLIP, its LLM's norms and MLPs compiled at prefill) on 128 frames,
-  measured in turn, --rounds times in one run; each ratio is given as the median over the rounds with its min-max
-  spread.
-- `speed-ups`: the 128-frame k=4 prefill with STORM's prefill speed-ups switched off one at a time, then all three
-  (the LLM's norms and MLPs compiled at prefill, the GELU epilogue, the patch convolution as one product): first call
-  (compilation included), TTFT and its stages.
+  with STORM's speed-ups: GELU epilogue and Triton LayerNorm in its SigLIP, its LLM's norms, MLPs and RoPE compiled
+  at prefill) on 128 frames, measured in turn, --rounds times in one run; each ratio is given as the median over the
+  rounds with its min-max spread.
+- `speed-ups`: the 128-frame k=4 prefill with STORM's prefill speed-ups switched off one at a time, then all four
+  (the LLM's norms, MLPs and RoPE compiled at prefill, the GELU epilogue, the Triton LayerNorm, the patch convolution
+  as one product): first call (compilation included), TTFT and its stages.
 - `decode`: decode speed at batch 1 after a 128-frame k=4 prefill: with transformers' SDPA, the dynamic cache
   (transformers' default), the static cache (`cache_implementation="static"`; transformers then compiles the decode
   step with CUDA graphs) and the static cache for the LLM alone (Qwen2ForCausalLM holding STORM's LLM, a text prompt
@@ -203,15 +203,17 @@ def available_scan_paths() -> list[str]:
     return paths + ["torch"]
 
 
-def gelu_epilogue(tower, on: bool):
-    """Install (`kernels.use_gelu_epilogue`) or remove the GELU-epilogue MLPs of a SigLIP vision tower."""
+def vision_kernels(tower, gelu_epilogue: bool, layer_norm: bool):
+    """Install or remove STORM's speed-ups of a SigLIP vision tower: the GELU epilogue of its MLPs
+    (`kernels.use_gelu_epilogue`) and its LayerNorms by Triton (`kernels.use_triton_layer_norm`)."""
     from storm_transformers import kernels
 
-    if on:
+    for module in tower.modules():
+        module.__dict__.pop("forward", None)  # what either installed
+    if gelu_epilogue:
         kernels.use_gelu_epilogue(tower)
-    else:
-        for layer in tower.encoder.layers:
-            layer.mlp.__dict__.pop("forward", None)
+    if layer_norm:
+        kernels.use_triton_layer_norm(tower)
 
 
 # ---------------------------------------------------------------- models
@@ -655,9 +657,10 @@ def bench_vision(repeats) -> list[dict]:
             return torch.cat([chunk_states(pixels[start : start + chunk]) for start in range(0, frames, chunk)])
 
     rows, eager_output = [], None
-    for name, epilogue, compiled in [("eager", False, False), ("GELU epilogue (STORM's default on CUDA)", True, False),
+    for name, speedups, compiled in [("eager", False, False),
+                                     ("GELU epilogue, Triton LayerNorm (STORM's defaults on CUDA)", True, False),
                                      ("each layer compiled, default mode", False, True)]:
-        gelu_epilogue(tower, epilogue)
+        vision_kernels(tower, gelu_epilogue=speedups, layer_norm=speedups)
         free_memory()
         first, output = first_call(lambda: run(compiled))
         warm, output = timed(lambda: run(compiled), repeats)
@@ -710,7 +713,7 @@ def bench_peers(rounds, repeats) -> list[dict]:
 
     def llava_run(as_storm):  # its SigLIP's MLPs and its LLM's prefill run as STORM's, or as transformers runs them
         def run():
-            gelu_epilogue(llava.model.vision_tower, as_storm)
+            vision_kernels(llava.model.vision_tower, gelu_epilogue=as_storm, layer_norm=as_storm)
             saved, kernels.COMPILE_REGIONS = kernels.COMPILE_REGIONS, as_storm
             try:
                 return prefill(llava, llava_inputs)
@@ -997,9 +1000,10 @@ def decode_kernels(model, inputs, new_tokens: int, top: int = 30, **generate_kwa
 
 
 def bench_speedups(repeats) -> list[dict]:
-    """The 128-frame k=4 prefill with STORM's prefill speed-ups switched off one at a time, then all three: the
-    LLM's norms and MLPs compiled at prefill (`kernels.COMPILE_REGIONS`), the GELU epilogue of the vision tower's MLPs
-    (`kernels.use_gelu_epilogue`), SigLIP's patch convolution as one product (`modeling_storm.patch_embeddings`)."""
+    """The 128-frame k=4 prefill with STORM's prefill speed-ups switched off one at a time, then all four: the
+    LLM's norms, MLPs and RoPE compiled at prefill (`kernels.COMPILE_REGIONS`), the GELU epilogue of the vision tower's
+    MLPs (`kernels.use_gelu_epilogue`), its LayerNorms by Triton (`kernels.use_triton_layer_norm`), SigLIP's patch
+    convolution as one product (`modeling_storm.patch_embeddings`)."""
     import storm_transformers.modeling_storm as modeling
     from storm_transformers import kernels
 
@@ -1009,15 +1013,16 @@ def bench_speedups(repeats) -> list[dict]:
     product, regions_before = modeling.patch_embeddings, kernels.COMPILE_REGIONS
     convolution = lambda embeddings, pixel_values: embeddings(pixel_values)  # noqa: E731  (SigLIP's own)
     rows = []
-    for name, regions, epilogue, patches in [
-        ("STORM's defaults", True, True, product),
-        ("without the LLM's compiled regions", False, True, product),
-        ("without the GELU epilogue", True, False, product),
-        ("with SigLIP's patch convolution", True, True, convolution),
-        ("none of the three", False, False, convolution),
+    for name, regions, epilogue, layer_norm, patches in [
+        ("STORM's defaults", True, True, True, product),
+        ("without the LLM's compiled regions", False, True, True, product),
+        ("without the GELU epilogue", True, False, True, product),
+        ("without the Triton LayerNorm", True, True, False, product),
+        ("with SigLIP's patch convolution", True, True, True, convolution),
+        ("none of the four", False, False, False, convolution),
     ]:
         kernels.COMPILE_REGIONS, modeling.patch_embeddings = regions, patches
-        gelu_epilogue(model.model.vision_tower, epilogue)
+        vision_kernels(model.model.vision_tower, gelu_epilogue=epilogue, layer_norm=layer_norm)
         first, _ = first_call(lambda: prefill(model, inputs))
         rows.append({"prefill": name, "first call (s)": first,
                      **measure_prefill(model, inputs, watch, storm_stages, repeats)})

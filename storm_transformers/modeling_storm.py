@@ -261,7 +261,7 @@ class StormModel(StormPreTrainedModel):
         self.multi_modal_projector = StormMultiModalProjector(config)
         self.temporal_encoder = StormTemporalEncoder(config.temporal_encoder_config)
         self.language_model = AutoModel.from_config(config.text_config)
-        use_compiled_prefill_regions(self.language_model)  # norms and MLPs compiled at prefill on CUDA (kernels.py)
+        use_compiled_prefill_regions(self.language_model)  # norms, MLPs, RoPE compiled at prefill on CUDA (kernels.py)
         self.post_init()
 
     def get_input_embeddings(self):

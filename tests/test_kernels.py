@@ -314,6 +314,23 @@ def test_triton_layer_norm_is_installed_and_leaves_the_cpu_and_training_to_layer
     torch.testing.assert_close(norm(hidden), expected, rtol=0, atol=0)
 
 
+def test_rope_function_is_put_back_when_the_attention_fails():
+    from transformers.models.qwen2 import modeling_qwen2
+
+    model = StormForConditionalGeneration(tiny_config()).eval()
+    attention = model.model.language_model.layers[0].self_attn
+    rotary = modeling_qwen2.apply_rotary_pos_emb
+
+    def failing_forward(module, hidden_states, **kwargs):
+        assert modeling_qwen2.apply_rotary_pos_emb is not rotary  # the region runner's, for this call
+        raise RuntimeError("attention failed")
+
+    with pytest.raises(RuntimeError, match="attention failed"):
+        hidden = torch.randn(1, 5, 32)
+        kernels._prefill_attention(failing_forward, modeling_qwen2, rotary, attention, hidden_states=hidden)
+    assert modeling_qwen2.apply_rotary_pos_emb is rotary
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_layer_norm_equals_layer_norm_in_a_vision_tower_on_cuda(dtype):
@@ -370,12 +387,15 @@ def test_gelu_epilogue_equals_siglips_tanh_gelu_mlp_on_cuda(dtype):
         assert (fused - exact_gelu).abs().max() > 10 * (fused - expected).abs().max()
 
 
-def test_llm_norms_and_mlps_run_compiled_at_prefill_only(eager_backend_compilation, monkeypatch):
-    """As on a GPU (regions usable whatever the device): a prompt runs the LLM's 2·L RMSNorms and L MLPs through two
-    compiled graphs (one per module class) and gives the eager result; decode steps (one token) run eagerly."""
+def test_llm_norms_mlps_and_rope_run_compiled_at_prefill_only(eager_backend_compilation, monkeypatch):
+    """As on a GPU (regions usable whatever the device): a prompt runs the LLM's 2·L RMSNorms, L MLPs and L RoPEs
+    through three compiled graphs (one per module class, one for RoPE) and gives the eager result; transformers' RoPE
+    function is back in its module afterwards; decode steps (one token) run eagerly."""
     from torch._dynamo.utils import counters
+    from transformers.models.qwen2 import modeling_qwen2
 
     kernels = eager_backend_compilation
+    rotary = modeling_qwen2.apply_rotary_pos_emb
     torch.manual_seed(0)
     model = StormForConditionalGeneration(tiny_config()).eval()
     text = model.model.language_model
@@ -390,8 +410,10 @@ def test_llm_norms_and_mlps_run_compiled_at_prefill_only(eager_backend_compilati
         monkeypatch.setattr(kernels, "region_runner", runner)
         counters.clear()
         out = model(**inputs, use_cache=True)
-        assert len(seen) == 3 * len(text.layers) and all(shape[1] == 7 for shape in seen)
-        assert counters["stats"]["unique_graphs"] == 2  # RMSNorm and MLP, each shared by every layer
+        heads = model.config.text_config.num_attention_heads
+        assert sorted(seen) == sorted([(2, 7, 32)] * 3 * len(text.layers) + [(2, heads, 7, 8)] * len(text.layers))
+        assert counters["stats"]["unique_graphs"] == 3  # RMSNorm, MLP and RoPE, each shared by every layer
+        assert modeling_qwen2.apply_rotary_pos_emb is rotary
         seen.clear()
         step = model(input_ids=torch.randint(0, 50, (2, 1)), past_key_values=out.past_key_values,
                      attention_mask=torch.ones(2, 8, dtype=torch.long))

@@ -27,7 +27,7 @@ CASES = {
 
 
 def _error(shape, dtype="float32", offset=0.0, strided=False) -> float:
-    """Largest relative error (max |a − b| / max |b|) of the Triton LayerNorm against torch's, random weight and bias."""
+    """Largest relative error (max |a − b| / max |b|) of the Triton LayerNorm against torch's (random weight, bias)."""
     import torch
     import torch.nn.functional as F
 
@@ -70,7 +70,8 @@ def test_triton_layer_norm_names_a_wrong_weight_and_leaves_wide_rows_to_torch(mo
     columns = triton_norm.MAX_COLUMNS + 1
     x, weight, bias = torch.randn(2, columns), torch.randn(columns), torch.randn(columns)
     monkeypatch.setattr(triton_norm, "_layer_norm_forward", None)  # launching the kernel would fail
-    torch.testing.assert_close(triton_norm.layer_norm(x, weight, bias, 1e-6), F.layer_norm(x, (columns,), weight, bias, 1e-6))
+    expected = F.layer_norm(x, (columns,), weight, bias, 1e-6)
+    torch.testing.assert_close(triton_norm.layer_norm(x, weight, bias, 1e-6), expected)
 
 
 if __name__ == "__main__":

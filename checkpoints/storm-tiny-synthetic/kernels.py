@@ -11,7 +11,7 @@
 Which one runs is decided in one place, `StormMambaMixer._scan`: mamba_ssm when it imports, else Triton, for CUDA
 tensors when `temporal_encoder_config.use_mamba_kernels` is on; the torch spec otherwise.
 
-Also here: regional compilation for CUDA inference (`region_runner`, on by default: the LLM's norms and MLPs at
+Also here: regional compilation for CUDA inference (`region_runner`, on by default: the LLM's norms, MLPs and RoPE at
 prefill), the vision tower's MLP with its GELU in the GEMM's epilogue (`use_gelu_epilogue`) and its LayerNorms by a
 Triton kernel (`use_triton_layer_norm`, `layer_norm_triton.py`), the LLM's attention for decode steps
 (`gqa_decode_attention`, registered with transformers' `AttentionInterface` as `GQA_DECODE_ATTENTION`; `load_storm`'s
@@ -19,6 +19,7 @@ default) and an opt-in FP8 conversion of linears for inference on Hopper GPUs (`
 """
 
 import functools
+import sys
 import warnings
 from typing import Callable, NamedTuple
 
@@ -193,19 +194,57 @@ def use_compiled_prefill_regions(language_model: torch.nn.Module) -> None:
     """Make the `PREFILL_REGIONS` modules of `language_model`'s decoder layers run compiled at prefill: each module's
     `forward` becomes its class's `forward` through `region_runner` when its input holds more than one token per
     sequence, and the class's `forward` itself otherwise (decode steps, which transformers compiles whole with a static
-    cache). Other models (no `layers`, other names) are left as they are. Parameters, state dicts and adapters
-    (PEFT wraps the MLP's linears, which the class's `forward` calls) are untouched."""
+    cache). Likewise RoPE, where the layers' attention applies it by `ROTARY_FUNCTION` (`_prefill_attention`). Other
+    models (no `layers`, other names) are left as they are. Parameters, state dicts and adapters (PEFT wraps the
+    MLP's linears, which the class's `forward` calls) are untouched."""
     for layer in getattr(language_model, "layers", ()):
         for name in PREFILL_REGIONS:
             module = getattr(layer, name, None)
             if isinstance(module, torch.nn.Module):
                 module.forward = functools.partial(_prefill_region, type(module).forward, module)
+        attention = getattr(layer, "self_attn", None)
+        module = sys.modules.get(type(attention).__module__)
+        rotary = getattr(module, ROTARY_FUNCTION, None)
+        if isinstance(rotary, functools.partial) and rotary.func is _rotary_region:  # ours, while a prefill runs
+            rotary = rotary.args[0]
+        if isinstance(attention, torch.nn.Module) and callable(rotary):
+            forward = type(attention).forward
+            attention.forward = functools.partial(_prefill_attention, forward, module, rotary, attention)
 
 
 def _prefill_region(forward: Callable, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
     if hidden_states.dim() == 3 and hidden_states.shape[1] > 1 and not args and not kwargs:  # (B, L > 1, D): a prompt
         return region_runner(forward, hidden_states)(module, hidden_states)
     return forward(module, hidden_states, *args, **kwargs)
+
+
+# The function that transformers' Llama-family attention (Qwen2's included) calls on its queries and keys to apply
+# RoPE, a global of the module that defines the attention class: eager PyTorch runs it as ~10 kernels (a slice, a
+# negation and a concatenation per tensor for `rotate_half`, products and sums) over every prompt token's queries.
+ROTARY_FUNCTION = "apply_rotary_pos_emb"
+
+
+def _prefill_attention(forward: Callable, module, rotary: Callable, attention: torch.nn.Module, *args, **kwargs):
+    """`forward(attention, ...)`, with RoPE (`rotary`, `module`'s `ROTARY_FUNCTION`) through `region_runner`
+    (compiled at CUDA inference) when the attention reads a prompt (more than one token per sequence); unchanged for
+    decode steps.
+
+    transformers' attention `forward` calls RoPE as a global of its module, so for the duration of this call that
+    global is `rotary` through `region_runner`, and `rotary` again afterwards (also after an error). Code that calls
+    it meanwhile (another model, another thread) gets the same values: compiled only for CUDA tensors without
+    autograd, eager otherwise."""
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if hidden_states.dim() != 3 or hidden_states.shape[1] <= 1:  # a decode step
+        return forward(attention, *args, **kwargs)
+    setattr(module, ROTARY_FUNCTION, functools.partial(_rotary_region, rotary))
+    try:
+        return forward(attention, *args, **kwargs)
+    finally:
+        setattr(module, ROTARY_FUNCTION, rotary)
+
+
+def _rotary_region(rotary: Callable, query: torch.Tensor, *args, **kwargs):
+    return region_runner(rotary, query)(query, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- vision tower: the MLP's GELU in the GEMM's epilogue
