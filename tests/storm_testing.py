@@ -1,8 +1,16 @@
 """Tiny STORM configs and inputs whose placeholder and feature counts agree (like transformers' ModelTesters)."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from storm_transformers import StormConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VOCAB_SIZE = 120, 121, 128
 
@@ -54,3 +62,12 @@ def enable_checkpointing(model) -> None:
     `gradient_checkpointing_enable` became its deprecated alias."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
+
+
+def run_under_triton_interpreter(script: str, timeout: int) -> dict:
+    """Run the test file `script` as a program under Triton's interpreter (`TRITON_INTERPRET=1`, which Triton reads
+    when a kernel is defined, hence a fresh process) and return the JSON object its last printed line holds."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, script], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -8,13 +8,9 @@ On a GPU, through the vision tower: tests/test_kernels.py.
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from storm_testing import run_under_triton_interpreter
 
 # name: (arguments of `_error`, largest relative error allowed)
 CASES = {
@@ -48,10 +44,7 @@ def _error(shape, dtype="float32", offset=0.0, strided=False) -> float:
 @pytest.fixture(scope="module")
 def interpreter_errors() -> dict:
     pytest.importorskip("storm_transformers.layer_norm_triton")  # skips where Triton is missing
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_under_triton_interpreter(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("case", CASES)

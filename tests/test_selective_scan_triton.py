@@ -8,13 +8,9 @@ make every case cross tile boundaries and channel blocks. The same kernels on a 
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from storm_testing import run_under_triton_interpreter
 
 # name: (arguments of `_errors`, largest relative error allowed)
 CASES = {
@@ -106,10 +102,7 @@ def _encoder_errors(scan, error) -> dict:
 @pytest.fixture(scope="module")
 def interpreter_errors() -> dict:
     pytest.importorskip("storm_transformers.selective_scan_triton")  # skips where Triton is missing or older than 3.4
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, __file__], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_under_triton_interpreter(__file__, timeout=900)
 
 
 @pytest.mark.parametrize("case", CASES)
