@@ -203,17 +203,22 @@ def use_compiled_prefill_regions(language_model: torch.nn.Module) -> None:
             if isinstance(module, torch.nn.Module):
                 module.forward = functools.partial(_prefill_region, type(module).forward, module)
         attention = getattr(layer, "self_attn", None)
-        module = sys.modules.get(type(attention).__module__)
-        rotary = getattr(module, ROTARY_FUNCTION, None)
+        source = sys.modules.get(type(attention).__module__)  # the Python module that defines the attention class
+        rotary = getattr(source, ROTARY_FUNCTION, None)
         if isinstance(rotary, functools.partial) and rotary.func is _rotary_region:  # ours, while a prefill runs
             rotary = rotary.args[0]
         if isinstance(attention, torch.nn.Module) and callable(rotary):
             forward = type(attention).forward
-            attention.forward = functools.partial(_prefill_attention, forward, module, rotary, attention)
+            attention.forward = functools.partial(_prefill_attention, forward, source, rotary, attention)
+
+
+def _is_prompt(hidden_states: torch.Tensor) -> bool:
+    """`(B, L, D)` with L > 1: a prompt (prefill), not a decode step."""
+    return hidden_states.dim() == 3 and hidden_states.shape[1] > 1
 
 
 def _prefill_region(forward: Callable, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
-    if hidden_states.dim() == 3 and hidden_states.shape[1] > 1 and not args and not kwargs:  # (B, L > 1, D): a prompt
+    if _is_prompt(hidden_states) and not args and not kwargs:
         return region_runner(forward, hidden_states)(module, hidden_states)
     return forward(module, hidden_states, *args, **kwargs)
 
@@ -234,7 +239,7 @@ def _prefill_attention(forward: Callable, module, rotary: Callable, attention: t
     it meanwhile (another model, another thread) gets the same values: compiled only for CUDA tensors without
     autograd, eager otherwise."""
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    if hidden_states.dim() != 3 or hidden_states.shape[1] <= 1:  # a decode step
+    if not _is_prompt(hidden_states):
         return forward(attention, *args, **kwargs)
     setattr(module, ROTARY_FUNCTION, functools.partial(_rotary_region, rotary))
     try:
