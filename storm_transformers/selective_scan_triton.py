@@ -187,89 +187,6 @@ def _scan_forward_kernel(
 
 
 @triton.jit
-def _load_step(u_rows, delta_rows, z_rows, B_cols, C_cols, bias, t, e_mask, n_mask, length,
-               stride_u_t, stride_delta_t, stride_z_t, stride_B_t, stride_C_t,
-               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr):
-    """The inputs of time step `t` (a scalar), in float32: u, Δ (bias and softplus applied; 0 past the end), z
-    `(BLOCK_E,)` and B, C `(BLOCK_N,)`."""
-    valid = t < length
-    mask = e_mask & valid
-    u = tl.load(u_rows + t * stride_u_t, mask=mask, other=0.0).to(tl.float32)
-    delta = tl.load(delta_rows + t * stride_delta_t, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        delta = delta + bias
-    if SOFTPLUS:
-        delta = _softplus(delta)
-    delta = tl.where(mask, delta, 0.0)
-    Bt = tl.load(B_cols + t * stride_B_t, mask=n_mask & valid, other=0.0).to(tl.float32)
-    Ct = tl.load(C_cols + t * stride_C_t, mask=n_mask & valid, other=0.0).to(tl.float32)
-    z = u
-    if HAS_Z:
-        z = tl.load(z_rows + t * stride_z_t, mask=mask, other=0.0).to(tl.float32)
-    return u, delta, Bt, Ct, z
-
-
-@triton.jit
-def _scan_forward_steps_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-    out_ptr, last_ptr, saved_ptr,
-    length, dim, channels_per_group, state_size,
-    stride_u_b, stride_u_e, stride_u_t,
-    stride_delta_b, stride_delta_e, stride_delta_t,
-    stride_A_e, stride_A_n,
-    stride_B_b, stride_B_g, stride_B_n, stride_B_t,
-    stride_C_b, stride_C_g, stride_C_n, stride_C_t,
-    stride_z_b, stride_z_e, stride_z_t,
-    stride_h0_b, stride_h0_e, stride_h0_n,
-    stride_out_b, stride_out_e, stride_out_t,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, SAVE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Experiment (docs/benchmarks.md, "The selective scan alone"): the forward as a loop over single time steps,
-    h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t on `(BLOCK_E, BLOCK_N)`, the next step's loads issued before the current
-    step's store; same arguments and results as `_scan_forward_kernel`."""
-    batch, group, e, e_mask, n, n_mask = _program_channels(channels_per_group, state_size, BLOCK_E, BLOCK_N)
-    en_mask = e_mask[:, None] & n_mask[None, :]
-    A, D, bias = _load_parameters(A_ptr, D_ptr, bias_ptr, e, e_mask, n, n_mask, stride_A_e, stride_A_n,
-                                  HAS_D, HAS_BIAS, BLOCK_E)
-    A = A * 1.4426950408889634  # exp(ΔA) = exp2(Δ·A·log2 e)
-    h = tl.zeros([BLOCK_E, BLOCK_N], dtype=tl.float32)
-    if HAS_H0:
-        h0 = h0_ptr + batch * stride_h0_b + e[:, None] * stride_h0_e + n[None, :] * stride_h0_n
-        h = tl.load(h0, mask=en_mask, other=0.0).to(tl.float32)
-    u_rows = u_ptr + batch * stride_u_b + e * stride_u_e
-    delta_rows = delta_ptr + batch * stride_delta_b + e * stride_delta_e
-    z_rows = z_ptr + batch * stride_z_b + e * stride_z_e
-    out_rows = out_ptr + batch * stride_out_b + e * stride_out_e
-    B_cols = B_ptr + batch * stride_B_b + group * stride_B_g + n * stride_B_n
-    C_cols = C_ptr + batch * stride_C_b + group * stride_C_g + n * stride_C_n
-    state_offsets = e[:, None] * BLOCK_N + n[None, :]
-    num_tiles = tl.cdiv(length, BLOCK_T)
-    start = tl.full((), 0, tl.int64)  # int64: t·stride_t may pass 2³¹
-    step = _load_step(u_rows, delta_rows, z_rows, B_cols, C_cols, bias, start, e_mask, n_mask, length,
-                      stride_u_t, stride_delta_t, stride_z_t, stride_B_t, stride_C_t, HAS_BIAS, SOFTPLUS, HAS_Z)
-    for index in range(num_tiles):
-        if SAVE:  # the state entering this tile, for the backward
-            tl.store(saved_ptr + (batch * num_tiles + index) * dim * BLOCK_N + state_offsets, h, mask=en_mask)
-        for i in tl.static_range(BLOCK_T):
-            t = start + index * BLOCK_T + i
-            u, delta, Bt, Ct, z = step
-            step = _load_step(  # the next step's loads are issued before this step's store
-                u_rows, delta_rows, z_rows, B_cols, C_cols, bias, t + 1, e_mask, n_mask, length,
-                stride_u_t, stride_delta_t, stride_z_t, stride_B_t, stride_C_t, HAS_BIAS, SOFTPLUS, HAS_Z,
-            )
-            h = tl.exp2(delta[:, None] * A) * h + (delta * u)[:, None] * Bt[None, :]  # (E, N)
-            y = tl.sum(h * Ct[None, :], axis=1)  # (E,)
-            if HAS_D:
-                y += u * D
-            if HAS_Z:
-                y *= z * tl.sigmoid(z)
-            tl.store(out_rows + t * stride_out_t, y, mask=e_mask & (t < length))
-    tl.store(last_ptr + batch * dim * BLOCK_N + state_offsets, h, mask=en_mask)
-
-
-@triton.jit
 def _scan_backward_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, saved_ptr, dout_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,
@@ -390,10 +307,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
     out = torch.empty(batch, dim, length, device=u.device, dtype=u.dtype)
     last = torch.empty(batch, dim, block_n, device=u.device, dtype=torch.float32)
     saved = torch.empty(batch, num_tiles if save else 0, dim, block_n, device=u.device, dtype=torch.float32)
-    # Experiment: config["FORWARD"] = "steps" runs `_scan_forward_steps_kernel` instead.
-    kernel = _scan_forward_steps_kernel if config.get("FORWARD") == "steps" else _scan_forward_kernel
     with _on_device(u):
-        kernel[_grid(dim, groups, batch, config["BLOCK_E"])](
+        _scan_forward_kernel[_grid(dim, groups, batch, config["BLOCK_E"])](
             u, delta, A, B, C, _or(D, u), _or(z, u), _or(delta_bias, u), _or(initial_state, u),
             out, last, saved,
             length, dim, dim // groups, state_size,
