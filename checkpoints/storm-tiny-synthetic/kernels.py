@@ -229,23 +229,23 @@ def _prefill_region(forward: Callable, module: torch.nn.Module, hidden_states: t
 ROTARY_FUNCTION = "apply_rotary_pos_emb"
 
 
-def _prefill_attention(forward: Callable, module, rotary: Callable, attention: torch.nn.Module, *args, **kwargs):
-    """`forward(attention, ...)`, with RoPE (`rotary`, `module`'s `ROTARY_FUNCTION`) through `region_runner`
+def _prefill_attention(forward: Callable, source, rotary: Callable, attention: torch.nn.Module, *args, **kwargs):
+    """`forward(attention, ...)`, with RoPE (`rotary`, `source`'s `ROTARY_FUNCTION`) through `region_runner`
     (compiled at CUDA inference) when the attention reads a prompt (more than one token per sequence); unchanged for
     decode steps.
 
-    transformers' attention `forward` calls RoPE as a global of its module, so for the duration of this call that
-    global is `rotary` through `region_runner`, and `rotary` again afterwards (also after an error). Code that calls
-    it meanwhile (another model, another thread) gets the same values: compiled only for CUDA tensors without
-    autograd, eager otherwise."""
+    transformers' attention `forward` calls RoPE as a global of its module (`source`), so for the duration of this
+    call that global is `rotary` through `region_runner`, and `rotary` again afterwards (also after an error). Code
+    that calls it meanwhile (another model, another thread) gets the same values: compiled only for CUDA tensors
+    without autograd, eager otherwise."""
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     if not _is_prompt(hidden_states):
         return forward(attention, *args, **kwargs)
-    setattr(module, ROTARY_FUNCTION, functools.partial(_rotary_region, rotary))
+    setattr(source, ROTARY_FUNCTION, functools.partial(_rotary_region, rotary))
     try:
         return forward(attention, *args, **kwargs)
     finally:
-        setattr(module, ROTARY_FUNCTION, rotary)
+        setattr(source, ROTARY_FUNCTION, rotary)
 
 
 def _rotary_region(rotary: Callable, query: torch.Tensor, *args, **kwargs):
